@@ -1,0 +1,10 @@
+"""Test-suite set-up: 8 fake CPU devices and strict numerics, before any JAX work."""
+
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax
+
+jax.config.update("jax_num_cpu_devices", 8)
+jax.config.update("jax_numpy_rank_promotion", "raise")
