@@ -1,5 +1,6 @@
 """sam_optax: Sharpness-Aware Minimization (Foret et al., ICLR 2021) for optax."""
 
+from sam_optax import parallel
 from sam_optax._directions import ascent_direction
 from sam_optax._directions import random_direction
 from sam_optax._sam import GroupedObjective
@@ -13,6 +14,7 @@ __all__ = [
     "SAMState",
     "__version__",
     "ascent_direction",
+    "parallel",
     "random_direction",
     "sam",
 ]

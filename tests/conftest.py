@@ -8,3 +8,6 @@ import jax
 
 jax.config.update("jax_num_cpu_devices", 8)
 jax.config.update("jax_numpy_rank_promotion", "raise")
+
+# A script run in processes of its own by test_parallel.py, not a test module.
+collect_ignore = ["multiprocess_worker.py"]

@@ -1,0 +1,120 @@
+"""m-sharpness on one device: cost of one step with G groups against one plain SAM step.
+
+    python benchmarks/msharpness.py [--groups 8] [--repeats N]
+
+The benchmark CNN, batch 128 split into G groups (default 8 groups of 16),
+each group perturbed with its own gradient, the group SAM gradients averaged,
+one SGD-momentum update. Strategies:
+
+* ``grouped_step`` (the library): one unrolled pass over the groups, each
+  group differentiated against its own params copy (``GroupedObjective``);
+* ``vmap``: ``jax.vmap`` over the groups with ``sam(axis_name=...)``
+  (the perturbed weights become batched, which convolutions pay for);
+* ``lax.map``: a sequential ``lax.map`` of per-group SAM gradients;
+* ``python loop``: a Python loop calling ``sam`` once per group.
+
+Runs are interleaved and medians reported; read the ratios, not the times.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import jax
+import optax
+
+import sam_optax
+from sam_optax import parallel
+
+from _common import BATCH
+from _common import cnn_loss
+from _common import init_cnn
+from _common import interleaved_medians
+from _common import make_batch
+
+LR, RHO = 0.1, 0.05
+
+
+def build(params, batch, groups):
+    m = BATCH // groups
+    base = optax.sgd(LR, momentum=0.9)
+    single = sam_optax.sam(RHO)
+
+    def split(batch):
+        return jax.tree.map(lambda x: x.reshape(groups, m, *x.shape[1:]), batch)
+
+    def finish(params, state, sam_grads):
+        updates, state = base.update(sam_grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    def group_sam_grad(params, b, tx):
+        f = lambda p: cnn_loss(p, b)  # noqa: E731
+        out, _ = tx.update(jax.grad(f)(params), tx.init(params), params, value_fn=f)
+        return out
+
+    steps = {}
+
+    tx_plain = optax.chain(single, base)
+    plain = parallel.grouped_step(cnn_loss, tx_plain)
+    steps["plain SAM (1 group of 128)"] = (
+        lambda p, s, b: plain(p, s, b)[:2],
+        tx_plain.init(params),
+    )
+
+    grouped = parallel.grouped_step(cnn_loss, tx_plain, group_size=m)
+    steps[f"grouped_step (library), {groups} x {m}"] = (
+        lambda p, s, b: grouped(p, s, b)[:2],
+        tx_plain.init(params),
+    )
+
+    axis_sam = sam_optax.sam(RHO, axis_name="groups")
+
+    @jax.jit
+    def vmap_step(params, state, batch):
+        out = jax.vmap(lambda b: group_sam_grad(params, b, axis_sam), axis_name="groups")(
+            split(batch)
+        )
+        return finish(params, state, jax.tree.map(lambda x: x[0], out))
+
+    steps[f"vmap, {groups} x {m}"] = (vmap_step, base.init(params))
+
+    @jax.jit
+    def map_step(params, state, batch):
+        out = jax.lax.map(lambda b: group_sam_grad(params, b, single), split(batch))
+        return finish(params, state, jax.tree.map(lambda x: x.mean(0), out))
+
+    steps[f"lax.map, {groups} x {m}"] = (map_step, base.init(params))
+
+    @jax.jit
+    def loop_step(params, state, batch):
+        parts = split(batch)
+        outs = [
+            group_sam_grad(params, jax.tree.map(lambda x, i=i: x[i], parts), single)
+            for i in range(groups)
+        ]
+        return finish(params, state, jax.tree.map(lambda *g: sum(g) / groups, *outs))
+
+    steps[f"python loop of sam, {groups} x {m}"] = (loop_step, base.init(params))
+    return steps
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--groups", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=20)
+    args = parser.parse_args(argv)
+    params = init_cnn(jax.random.key(0))
+    batch = make_batch(jax.random.key(1))
+    steps = build(params, batch, args.groups)
+    fns = {n: (lambda f=f, s=s: f(params, s, batch)) for n, (f, s) in steps.items()}
+    med = interleaved_medians(fns, args.repeats)
+    ref = med["plain SAM (1 group of 128)"]
+    print(f"device: {jax.devices()[0].device_kind}, batch {BATCH}, repeats: {args.repeats}")
+    print("| strategy | median ms | / plain SAM step |")
+    print("|---|---:|---:|")
+    for name in steps:
+        print(f"| {name} | {med[name] * 1e3:.2f} | {med[name] / ref:.3f} |")
+
+
+if __name__ == "__main__":
+    main()
