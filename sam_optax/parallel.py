@@ -103,11 +103,19 @@ def split_groups(batch: Any, n_groups: int) -> list[Any]:
 # --------------------------------------------------------------------------
 
 
+def _is_key(x: Any) -> bool:
+    return jax.dtypes.issubdtype(jnp.result_type(x), jax.dtypes.prng_key)
+
+
 def _reduce_aux(aux: list[Any], names: tuple[Hashable, ...]) -> Any:
-    """Averages aux over the groups, then over the devices (floats); others: max."""
+    """Averages aux over the groups, then the devices (floats).
+
+    Integer and boolean leaves (counters) take their maximum; PRNG keys are
+    passed through (they must be the same on every device).
+    """
 
     def over_groups(*xs):
-        if jnp.issubdtype(jnp.result_type(xs[0]), jnp.inexact):
+        if not _is_key(xs[0]) and jnp.issubdtype(jnp.result_type(xs[0]), jnp.inexact):
             return sum(xs[1:], xs[0]) / len(xs)
         return xs[0]
 
@@ -116,6 +124,8 @@ def _reduce_aux(aux: list[Any], names: tuple[Hashable, ...]) -> Any:
         return out
 
     def over_devices(x):
+        if _is_key(x):
+            return x
         if jnp.issubdtype(jnp.result_type(x), jnp.inexact):
             return jax.lax.pmean(x, names)
         return jax.lax.pmax(x, names)
@@ -428,14 +438,17 @@ def shard_batch(batch: Any, mesh: Mesh, axis_name: str = "data") -> Any:
             f"axis {axis_name!r}."
         )
     sharding = NamedSharding(mesh, P(axis_name))
-    return jax.tree.map(
-        lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), batch
-    )
+    return jax.tree.map(lambda x: _place(x, sharding), batch)
 
 
 def replicate(tree: Any, mesh: Mesh) -> Any:
     """Places a pytree replicated over ``mesh`` (every process passes the same values)."""
     sharding = NamedSharding(mesh, P())
-    return jax.tree.map(
-        lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), tree
-    )
+    return jax.tree.map(lambda x: _place(x, sharding), tree)
+
+
+def _place(x: Any, sharding: NamedSharding) -> jax.Array:
+    if _is_key(x):  # typed PRNG keys travel as their raw data
+        data = jax.make_array_from_process_local_data(sharding, np.asarray(jax.random.key_data(x)))
+        return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
+    return jax.make_array_from_process_local_data(sharding, np.asarray(x))

@@ -1,0 +1,291 @@
+"""Flax integration (NNX and Linen) with the paper's BatchNorm and dropout semantics.
+
+What the paper's JAX implementation does, and what every helper here does:
+
+* **BatchNorm**: both passes run the model in training mode (each pass is
+  normalized with its own batch statistics); the running statistics kept are
+  those of the clean pass at ``w``; the perturbed pass's statistics are
+  dropped. Nothing is updated twice.
+* **Dropout** (any randomness): the same key in both passes, so the
+  perturbation is measured on the same sub-network.
+* **Finetuning** (appendix C.2): frozen BatchNorm, normalizing with the
+  running averages and updating nothing (:func:`freeze_batch_norm` for NNX,
+  ``update_batch_stats=False`` for Linen).
+* **Data parallel**: the loss adapters (:func:`nnx_loss_fn`,
+  :func:`linen_loss_fn`) plug into :mod:`sam_optax.parallel`; each device
+  normalizes with its own batch statistics (as the paper) and the updated
+  running statistics are averaged over the devices, so evaluation and
+  checkpoints see one set. For cross-device statistics, build the model's
+  BatchNorm with ``axis_name`` equal to the data axis.
+
+Flax is an optional extra (``pip install sam-optax[flax]``): ``import
+sam_optax`` does not import this module.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import optax
+from flax import nnx
+from flax.training import train_state
+
+__all__ = [
+    "SAMTrainState",
+    "freeze_batch_norm",
+    "linen_loss_fn",
+    "linen_train_step",
+    "nnx_loss_fn",
+    "nnx_train_step",
+    "nnx_value_fn",
+]
+
+
+# --------------------------------------------------------------------------
+# NNX.
+# --------------------------------------------------------------------------
+
+
+def nnx_value_fn(
+    model: nnx.Module,
+    loss_fn: Callable[..., Any],
+    *args: Any,
+    wrt: Any = nnx.Param,
+    has_aux: bool = False,
+) -> Callable[[Any], Any]:
+    """The ``value_fn`` for ``nnx.Optimizer.update(model, grads, value_fn=...)``.
+
+    Call it BEFORE the clean forward/backward pass: it snapshots the model's
+    non-parameter state (BatchNorm statistics, RNG counters) as pure arrays,
+    so the perturbed pass sees the same RNG counters as the clean one (same
+    dropout masks) and runs on a throw-away copy (its BatchNorm statistics
+    are dropped). ``nnx.Optimizer`` hands the params to ``tx.update`` as a
+    pure ``nnx.State``; the closure merges them with the snapshot.
+
+    Args:
+      model: the NNX model.
+      loss_fn: ``loss_fn(model, *args) -> loss`` (or ``(loss, aux)``).
+      *args: the batch and any other inputs of ``loss_fn``.
+      wrt: the filter of the differentiated state (``nnx.Optimizer``'s ``wrt``).
+      has_aux: ``loss_fn`` returns ``(loss, aux)``; the closure returns the loss.
+
+    Returns:
+      ``value_fn(params_state) -> loss``.
+    """
+    graphdef, _, rest = nnx.split(model, wrt, ...)
+    rest = nnx.as_pure(rest)
+
+    def value_fn(params: Any) -> Any:
+        out = loss_fn(nnx.merge(graphdef, nnx.as_pure(params), rest), *args)
+        return out[0] if has_aux else out
+
+    return value_fn
+
+
+def nnx_train_step(loss_fn: Callable[..., Any], *, has_aux: bool = False) -> Callable[..., Any]:
+    """A jit-compiled SAM train step for an ``nnx.Optimizer`` whose ``tx`` contains ``sam``.
+
+    ``step(model, optimizer, *args)`` runs the clean pass (updating BatchNorm
+    statistics and RNG counters in place, once), then
+    ``optimizer.update(model, grads, value_fn=...)`` whose perturbed pass runs
+    on a snapshot taken before the clean pass. Returns the loss at ``w`` (and
+    ``aux`` with ``has_aux``).
+
+    Args:
+      loss_fn: ``loss_fn(model, *args) -> loss`` (or ``(loss, aux)``).
+      has_aux: ``loss_fn`` returns ``(loss, aux)``.
+
+    Returns:
+      ``step(model, optimizer, *args)``, an ``nnx.jit`` function.
+    """
+
+    @nnx.jit
+    def step(model: nnx.Module, optimizer: nnx.Optimizer, *args: Any) -> Any:
+        value_fn = nnx_value_fn(model, loss_fn, *args, wrt=optimizer.wrt, has_aux=has_aux)
+        grad_fn = nnx.value_and_grad(
+            loss_fn, argnums=nnx.DiffState(0, optimizer.wrt), has_aux=has_aux
+        )
+        out, grads = grad_fn(model, *args)
+        optimizer.update(model, grads, value_fn=value_fn)
+        return out
+
+    return step
+
+
+def freeze_batch_norm(model: nnx.Module, frozen: bool = True) -> nnx.Module:
+    """Makes every ``nnx.BatchNorm`` normalize with its running averages and update nothing.
+
+    The finetuning setting of the paper (appendix C.2). ``frozen=False``
+    undoes it. Returns the model (modified in place).
+    """
+    for _, module in nnx.iter_modules(model):
+        if isinstance(module, nnx.BatchNorm):
+            module.use_running_average = frozen
+    return model
+
+
+def nnx_loss_fn(
+    graphdef: Any,
+    loss_fn: Callable[..., Any],
+    *,
+    rng_streams: tuple[str, ...] = ("dropout",),
+) -> Callable[..., tuple[Any, Any]]:
+    """Adapts an NNX loss to :mod:`sam_optax.parallel` (``has_aux=True``).
+
+    With ``graphdef, params, rest = nnx.split(model, nnx.Param, ...)``, the
+    returned ``f(params, batch, rest, rng=None) -> (loss, new_rest)`` merges
+    the model, calls ``loss_fn(model, batch)`` and returns the non-parameter
+    state after that pass (BatchNorm statistics, RNG counters). Used as the
+    step builders' loss, ``new_rest`` comes from the clean pass and is
+    averaged over groups and devices. With ``rng`` given (the builders fold
+    it per device and group), the streams in ``rng_streams`` are reseeded
+    from it, the same way in both SAM passes; the RNG keys in ``new_rest``
+    stay those of ``rest``.
+
+    Args:
+      graphdef: from ``nnx.split(model, nnx.Param, ...)``.
+      loss_fn: ``loss_fn(model, batch) -> loss``.
+      rng_streams: the RNG streams to reseed from ``rng``.
+
+    Returns:
+      ``f(params, batch, rest, rng=None) -> (loss, new_rest)``.
+    """
+
+    def f(params: Any, batch: Any, rest: Any, rng: jax.Array | None = None) -> tuple[Any, Any]:
+        model = nnx.merge(graphdef, params, rest)
+        keys = None
+        if rng is not None:
+            keys = nnx.as_pure(nnx.state(model, nnx.RngKey))
+            nnx.reseed(
+                model, **{name: jax.random.fold_in(rng, i) for i, name in enumerate(rng_streams)}
+            )
+        loss = loss_fn(model, batch)
+        new_rest = nnx.as_pure(nnx.state(model, nnx.Not(nnx.Param)))
+        if keys is not None:
+            new_rest = nnx.merge_state(new_rest, keys)
+        return loss, new_rest
+
+    return f
+
+
+# --------------------------------------------------------------------------
+# Linen.
+# --------------------------------------------------------------------------
+
+
+class SAMTrainState(train_state.TrainState):
+    """``flax.training.train_state.TrainState`` that forwards ``value_fn`` to ``tx.update``.
+
+    Linen's ``TrainState.apply_gradients(grads=..., **kwargs)`` treats extra
+    keywords as fields to replace, so ``sam`` never sees its closure. Here
+    ``value_fn`` (and any ``tx_args``) go to ``tx.update``; other keywords
+    replace fields as before. ``batch_stats`` holds BatchNorm running
+    statistics (``None`` for models without BatchNorm).
+    """
+
+    batch_stats: Any = None
+
+    def apply_gradients(  # type: ignore[override]
+        self,
+        *,
+        grads: Any,
+        value_fn: Callable[[Any], Any] | None = None,
+        tx_args: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> SAMTrainState:
+        extra = dict(tx_args or {})
+        if value_fn is not None:
+            extra["value_fn"] = value_fn
+        updates, opt_state = self.tx.update(grads, self.opt_state, self.params, **extra)
+        return self.replace(
+            step=self.step + 1,
+            params=optax.apply_updates(self.params, updates),
+            opt_state=opt_state,
+            **kwargs,
+        )
+
+
+def linen_loss_fn(
+    apply_fn: Callable[..., Any],
+    criterion: Callable[[Any, Any], Any],
+    *,
+    update_batch_stats: bool = True,
+    rng_collection: str = "dropout",
+    **model_kwargs: Any,
+) -> Callable[..., tuple[Any, Any]]:
+    """A Linen loss with BatchNorm statistics as state: ``f(params, batch, batch_stats, rng=None)``.
+
+    Calls ``apply_fn({'params': params, 'batch_stats': batch_stats}, x,
+    **model_kwargs, mutable=['batch_stats'], rngs={rng_collection: rng})``
+    for ``batch = (x, y)`` and returns ``(criterion(outputs, y),
+    new_batch_stats)``. Without BatchNorm pass ``batch_stats=None``. With
+    ``update_batch_stats=False`` nothing is mutable and ``batch_stats`` comes
+    back unchanged: with a model that then normalizes with its running
+    averages (e.g. ``model_kwargs={'train': True, 'frozen_bn': True}`` for a
+    model that wires that flag to ``use_running_average``), that is the
+    finetuning setting. Plugs into :mod:`sam_optax.parallel` with
+    ``has_aux=True`` and ``batch_stats`` as the extra argument.
+
+    Args:
+      apply_fn: the model's ``apply``.
+      criterion: ``criterion(outputs, y) -> scalar``.
+      update_batch_stats: make ``batch_stats`` mutable in the pass.
+      rng_collection: the RNG collection ``rng`` feeds (dropout).
+      **model_kwargs: passed to the model (``train=True``, ...).
+
+    Returns:
+      ``f(params, batch, batch_stats, rng=None) -> (loss, new_batch_stats)``.
+    """
+
+    def f(
+        params: Any, batch: Any, batch_stats: Any, rng: jax.Array | None = None
+    ) -> tuple[Any, Any]:
+        x, y = batch
+        variables = {"params": params}
+        if batch_stats is not None:
+            variables["batch_stats"] = batch_stats
+        rngs = {} if rng is None else {rng_collection: rng}
+        if batch_stats is not None and update_batch_stats:
+            outputs, mutated = apply_fn(
+                variables, x, mutable=["batch_stats"], rngs=rngs, **model_kwargs
+            )
+            new_stats = mutated["batch_stats"]
+        else:
+            outputs = apply_fn(variables, x, rngs=rngs, **model_kwargs)
+            new_stats = batch_stats
+        return criterion(outputs, y), new_stats
+
+    return f
+
+
+def linen_train_step(
+    loss_fn: Callable[..., tuple[Any, Any]], *, donate: bool = False
+) -> Callable[..., tuple[SAMTrainState, Any]]:
+    """A jitted SAM train step for a :class:`SAMTrainState`.
+
+    ``step(state, batch, rng=None) -> (state, loss)`` with ``loss_fn`` from
+    :func:`linen_loss_fn`: the clean pass gives the gradient and the new
+    ``batch_stats``; the perturbed pass (inside ``sam``) reuses ``rng`` and its
+    statistics are dropped.
+
+    Args:
+      loss_fn: ``loss_fn(params, batch, batch_stats, rng) -> (loss, new_batch_stats)``.
+      donate: donate the state's buffers.
+
+    Returns:
+      ``step(state, batch, rng=None)``.
+    """
+
+    def step(state: SAMTrainState, batch: Any, rng: jax.Array | None = None) -> Any:
+        def value_fn(params: Any) -> Any:
+            return loss_fn(params, batch, state.batch_stats, rng)[0]
+
+        (loss, new_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state.params, batch, state.batch_stats, rng
+        )
+        state = state.apply_gradients(grads=grads, value_fn=value_fn, batch_stats=new_stats)
+        return state, loss
+
+    return jax.jit(step, donate_argnums=(0,) if donate else ())

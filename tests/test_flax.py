@@ -1,0 +1,356 @@
+"""Flax NNX and Linen: the paper's BatchNorm and dropout semantics, step for step."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+from flax.training import train_state
+from flax_models import LinenNet
+from flax_models import NNXNet
+from flax_models import make_batch
+from flax_models import nnx_loss
+from flax_models import xent
+
+import sam_optax
+from sam_optax import flax as sam_flax
+from sam_optax import parallel
+
+from helpers import assert_trees_close
+from helpers import assert_trees_equal
+
+RHO, LR = 0.1, 0.5
+
+
+def _sam_reference(loss_with_stats, params, rho=RHO, lr=LR):
+    """The paper's step written out: grad at w (keeping the clean pass's
+    statistics), eps = rho g/|g|, grad at w + eps, one SGD step."""
+    (_, stats), g = jax.value_and_grad(loss_with_stats, has_aux=True)(params)
+    norm = jnp.sqrt(sum(jnp.sum(x**2) for x in jax.tree.leaves(g)))
+    perturbed = jax.tree.map(lambda w, d: w + rho * d / norm, params, g)
+    v = jax.grad(lambda p: loss_with_stats(p)[0])(perturbed)
+    return jax.tree.map(lambda w, d: w - lr * d, params, v), stats, v, perturbed
+
+
+# --------------------------------------------------------------------------
+# NNX.
+# --------------------------------------------------------------------------
+
+
+def _nnx_model(dropout=0.3):
+    return NNXNet(nnx.Rngs(0, dropout=1), dropout=dropout)
+
+
+def _nnx_reference(model, batch, loss=nnx_loss):
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    params, rest = nnx.as_pure(params), nnx.as_pure(rest)
+
+    def loss_with_stats(p):
+        m = nnx.merge(graphdef, p, rest)
+        return loss(m, batch), nnx.as_pure(nnx.state(m, nnx.BatchStat))
+
+    return _sam_reference(loss_with_stats, params), (graphdef, rest)
+
+
+def test_nnx_step_matches_the_hand_written_reference():
+    batch = make_batch()
+    model = _nnx_model()
+    (expected, stats, v, perturbed), (graphdef, rest) = _nnx_reference(nnx.clone(model), batch)
+    count_before = int(nnx.as_pure(nnx.state(model, nnx.RngCount))["drop"]["rngs"]["count"])
+
+    tx = optax.chain(sam_optax.sam(RHO), optax.sgd(LR))
+    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    sam_flax.nnx_train_step(nnx_loss)(model, optimizer, batch)
+
+    assert_trees_close(nnx.as_pure(nnx.state(model, nnx.Param)), expected, rtol=1e-5, atol=1e-6)
+    # Running statistics: those of the clean pass, updated once.
+    assert_trees_close(nnx.as_pure(nnx.state(model, nnx.BatchStat)), stats, rtol=1e-6)
+    count = nnx.as_pure(nnx.state(model, nnx.RngCount))["drop"]["rngs"]["count"]
+    assert int(count) == count_before + 1
+    # The reference's equality is informative: another dropout key at w + eps
+    # would give another gradient.
+    other = nnx.merge(graphdef, perturbed, rest)
+    nnx.reseed(other, dropout=123)
+    v_other = nnx.grad(lambda m: nnx_loss(m, batch))(other)
+    assert not np.allclose(np.asarray(v["dense"]["kernel"]), np.asarray(v_other["dense"]["kernel"]))
+
+
+def test_nnx_rho_zero_is_plain_sgd_step_for_step():
+    batch = make_batch(1)
+    a, b = _nnx_model(), _nnx_model()
+    opt_a = nnx.Optimizer(
+        a, optax.chain(sam_optax.sam(0.0), optax.sgd(LR, momentum=0.9)), wrt=nnx.Param
+    )
+    opt_b = nnx.Optimizer(b, optax.sgd(LR, momentum=0.9), wrt=nnx.Param)
+    sam_step = sam_flax.nnx_train_step(nnx_loss)
+
+    @nnx.jit
+    def sgd_step(model, optimizer, batch):
+        loss, grads = nnx.value_and_grad(nnx_loss)(model, batch)
+        optimizer.update(model, grads)
+        return loss
+
+    for _ in range(3):
+        la = sam_step(a, opt_a, batch)
+        lb = sgd_step(b, opt_b, batch)
+        assert float(la) == float(lb)
+    assert_trees_equal(
+        nnx.as_pure(nnx.state(a, nnx.Not(nnx.RngKey))),
+        nnx.as_pure(nnx.state(b, nnx.Not(nnx.RngKey))),
+    )
+
+
+def test_nnx_frozen_batch_norm_changes_no_statistic():
+    model = sam_flax.freeze_batch_norm(_nnx_model())
+    before = nnx.as_pure(nnx.state(model, nnx.BatchStat))
+    params_before = nnx.as_pure(nnx.state(model, nnx.Param))
+    optimizer = nnx.Optimizer(model, optax.chain(sam_optax.sam(RHO), optax.sgd(LR)), wrt=nnx.Param)
+    sam_flax.nnx_train_step(nnx_loss)(model, optimizer, make_batch())
+    assert_trees_equal(nnx.as_pure(nnx.state(model, nnx.BatchStat)), before)
+    after = nnx.as_pure(nnx.state(model, nnx.Param))
+    assert not np.allclose(
+        np.asarray(after["dense"]["kernel"]), np.asarray(params_before["dense"]["kernel"])
+    )
+    sam_flax.freeze_batch_norm(model, False)
+    assert model.bn.use_running_average is False
+
+
+def test_nnx_step_traces_once_per_shape():
+    traces = []
+
+    def counting_loss(model, batch):
+        traces.append(1)
+        return nnx_loss(model, batch)
+
+    model = _nnx_model()
+    optimizer = nnx.Optimizer(model, optax.chain(sam_optax.sam(RHO), optax.sgd(LR)), wrt=nnx.Param)
+    step = sam_flax.nnx_train_step(counting_loss)
+    step(model, optimizer, make_batch(0))
+    first = len(traces)
+    step(model, optimizer, make_batch(1))
+    step(model, optimizer, make_batch(2))
+    assert len(traces) == first
+    step(model, optimizer, make_batch(3, size=16))  # a new shape traces again
+    assert len(traces) == 2 * first
+
+
+def test_nnx_value_fn_merges_pure_state_inside_grad():
+    # The DESIGN pitfall: a closure over live BatchStat variables fails inside
+    # jax.grad; the snapshot is pure and works under plain jax.grad too.
+    model = _nnx_model()
+    params = nnx.as_pure(nnx.state(model, nnx.Param))
+    value_fn = sam_flax.nnx_value_fn(model, nnx_loss, make_batch())
+    g = jax.grad(value_fn)(params)
+    assert jax.tree.structure(g) == jax.tree.structure(params)
+
+
+# --------------------------------------------------------------------------
+# Linen.
+# --------------------------------------------------------------------------
+
+
+def _linen_state(tx, dropout=0.3):
+    net = LinenNet(dropout=dropout)
+    x, _ = make_batch()
+    variables = net.init({"params": jax.random.key(0)}, x, train=False)
+    return net, sam_flax.SAMTrainState.create(
+        apply_fn=net.apply, params=variables["params"], tx=tx, batch_stats=variables["batch_stats"]
+    )
+
+
+def _linen_reference(net, state, batch, rng):
+    x, y = batch
+
+    def loss_with_stats(p):
+        out, mutated = net.apply(
+            {"params": p, "batch_stats": state.batch_stats},
+            x,
+            train=True,
+            mutable=["batch_stats"],
+            rngs={} if rng is None else {"dropout": rng},
+        )
+        return xent(out, y), mutated["batch_stats"]
+
+    return _sam_reference(loss_with_stats, state.params)
+
+
+def test_linen_step_matches_the_hand_written_reference():
+    batch, rng = make_batch(), jax.random.key(7)
+    net, state = _linen_state(optax.chain(sam_optax.sam(RHO), optax.sgd(LR)))
+    expected, stats, _, _ = _linen_reference(net, state, batch, rng)
+    step = sam_flax.linen_train_step(sam_flax.linen_loss_fn(net.apply, xent, train=True))
+    new, _ = step(state, batch, rng)
+    assert_trees_close(new.params, expected, rtol=1e-5, atol=1e-6)
+    assert_trees_close(new.batch_stats, stats, rtol=1e-6)
+    assert int(new.step) == 1
+
+
+def test_linen_rho_zero_is_plain_sgd_step_for_step():
+    batch, rng = make_batch(1), jax.random.key(3)
+    net, state_a = _linen_state(optax.chain(sam_optax.sam(0.0), optax.sgd(LR, momentum=0.9)))
+    state_b = train_state.TrainState.create(
+        apply_fn=net.apply, params=state_a.params, tx=optax.sgd(LR, momentum=0.9)
+    )
+    stats_b = state_a.batch_stats
+    loss = sam_flax.linen_loss_fn(net.apply, xent, train=True)
+    sam_step = sam_flax.linen_train_step(loss)
+
+    @jax.jit
+    def sgd_step(state, stats, batch, rng):
+        (value, stats), grads = jax.value_and_grad(loss, has_aux=True)(
+            state.params, batch, stats, rng
+        )
+        return state.apply_gradients(grads=grads), stats, value
+
+    for t in range(3):
+        key = jax.random.fold_in(rng, t)
+        state_a, la = sam_step(state_a, batch, key)
+        state_b, stats_b, lb = sgd_step(state_b, stats_b, batch, key)
+        assert float(la) == float(lb)
+    assert_trees_equal(state_a.params, state_b.params)
+    assert_trees_equal(state_a.batch_stats, stats_b)
+
+
+def test_linen_frozen_batch_norm_changes_no_statistic():
+    net, state = _linen_state(optax.chain(sam_optax.sam(RHO), optax.sgd(LR)))
+    loss = sam_flax.linen_loss_fn(
+        net.apply, xent, update_batch_stats=False, train=True, frozen_bn=True
+    )
+    new, _ = sam_flax.linen_train_step(loss)(state, make_batch(), jax.random.key(0))
+    assert_trees_equal(new.batch_stats, state.batch_stats)
+    assert not np.allclose(
+        np.asarray(new.params["Dense_0"]["kernel"]), np.asarray(state.params["Dense_0"]["kernel"])
+    )
+
+
+def test_linen_step_traces_once_and_without_batch_norm():
+    traces = []
+
+    def criterion(out, y):
+        traces.append(1)
+        return xent(out, y)
+
+    import flax.linen as nn
+
+    class MLP(nn.Module):
+        @nn.compact
+        def __call__(self, x, train=True):
+            x = nn.Dropout(0.2, deterministic=not train)(
+                nn.relu(nn.Dense(16)(x.reshape(x.shape[0], -1)))
+            )
+            return nn.Dense(3)(x)
+
+    mlp = MLP()
+    x, _ = make_batch()
+    params = mlp.init(jax.random.key(0), x, train=False)["params"]
+    state = sam_flax.SAMTrainState.create(
+        apply_fn=mlp.apply, params=params, tx=optax.chain(sam_optax.sam(RHO), optax.sgd(LR))
+    )
+    assert state.batch_stats is None
+    step = sam_flax.linen_train_step(sam_flax.linen_loss_fn(mlp.apply, criterion, train=True))
+    state, _ = step(state, make_batch(0), jax.random.key(0))
+    first = len(traces)
+    state, _ = step(state, make_batch(1), jax.random.key(1))
+    assert len(traces) == first and int(state.step) == 2
+
+
+def test_sam_train_state_forwards_tx_args():
+    seen = {}
+
+    def spy():
+        def update(updates, state, params=None, **extra):
+            seen.update(extra)
+            return updates, state
+
+        return optax.GradientTransformationExtraArgs(lambda p: optax.EmptyState(), update)
+
+    state = sam_flax.SAMTrainState.create(apply_fn=None, params={"w": jnp.ones(2)}, tx=spy())
+    state.apply_gradients(grads={"w": jnp.ones(2)}, value_fn="f", tx_args={"other": 1})
+    assert seen == {"value_fn": "f", "other": 1}
+
+
+# --------------------------------------------------------------------------
+# The 8-device step builder with BatchNorm in the model.
+# --------------------------------------------------------------------------
+
+
+def _shards(batch, n=8):
+    x, y = batch
+    m = x.shape[0] // n
+    return [(x[i * m : (i + 1) * m], y[i * m : (i + 1) * m]) for i in range(n)]
+
+
+def _mean(trees):
+    return jax.tree.map(lambda *xs: sum(xs) / len(xs), *trees)
+
+
+def test_nnx_under_the_eight_device_builder():
+    batch = make_batch(4, size=64)
+    model = _nnx_model(dropout=0.0)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    params, rest = nnx.as_pure(params), nnx.as_pure(rest)
+    mesh = jax.make_mesh((8,), ("data",))
+    tx = optax.chain(sam_optax.sam(RHO, axis_name="data"), optax.sgd(LR))
+    step = parallel.shard_map_step(sam_flax.nnx_loss_fn(graphdef, nnx_loss), tx, mesh, has_aux=True)
+    new_params, _, _, new_rest = step(
+        parallel.replicate(params, mesh),
+        parallel.replicate(tx.init(params), mesh),
+        parallel.shard_batch(batch, mesh),
+        parallel.replicate(rest, mesh),
+    )
+    per_shard = [_nnx_reference(nnx.merge(graphdef, params, rest), s)[0] for s in _shards(batch)]
+    v_mean = _mean([r[2] for r in per_shard])
+    expected = jax.tree.map(lambda w, d: w - LR * d, params, v_mean)
+    assert_trees_close(new_params, expected, rtol=1e-5, atol=1e-6)
+    assert_trees_close(new_rest["bn"], _mean([r[1] for r in per_shard])["bn"], rtol=1e-5)
+    # Per-device, not synced: the global-batch SAM step is elsewhere.
+    global_step = _nnx_reference(nnx.merge(graphdef, params, rest), batch)[0][0]
+    diff = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), new_params, global_step)
+    assert max(jax.tree.leaves(diff)) > 1e-4
+
+
+def test_linen_under_the_eight_device_builder():
+    batch = make_batch(5, size=64)
+    tx = optax.chain(sam_optax.sam(RHO, axis_name="data"), optax.sgd(LR))
+    net, state = _linen_state(tx, dropout=0.0)
+    mesh = jax.make_mesh((8,), ("data",))
+    loss = sam_flax.linen_loss_fn(net.apply, xent, train=True)
+    step = parallel.shard_map_step(loss, tx, mesh, has_aux=True)
+    new_params, _, _, new_stats = step(
+        parallel.replicate(state.params, mesh),
+        parallel.replicate(state.opt_state, mesh),
+        parallel.shard_batch(batch, mesh),
+        parallel.replicate(state.batch_stats, mesh),
+    )
+    per_shard = [_linen_reference(net, state, s, None) for s in _shards(batch)]
+    expected = jax.tree.map(lambda w, d: w - LR * d, state.params, _mean([r[2] for r in per_shard]))
+    assert_trees_close(new_params, expected, rtol=1e-5, atol=1e-6)
+    assert_trees_close(new_stats, _mean([r[1] for r in per_shard]), rtol=1e-5)
+
+
+@pytest.mark.parametrize("group_size", [None, 4])
+def test_nnx_loss_fn_reseeds_dropout_per_device_and_keeps_keys(group_size):
+    batch = make_batch(6, size=64)
+    model = _nnx_model(dropout=0.5)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    params, rest = nnx.as_pure(params), nnx.as_pure(rest)
+    mesh = jax.make_mesh((8,), ("data",))
+    tx = optax.chain(sam_optax.sam(RHO, axis_name="data"), optax.sgd(LR))
+    step = parallel.shard_map_step(
+        sam_flax.nnx_loss_fn(graphdef, nnx_loss), tx, mesh, has_aux=True, group_size=group_size
+    )
+    args = (
+        parallel.replicate(params, mesh),
+        parallel.replicate(tx.init(params), mesh),
+        parallel.shard_batch(batch, mesh),
+        parallel.replicate(rest, mesh),
+    )
+    a = step(*args, rng=jax.random.key(0))
+    b = step(*args, rng=jax.random.key(0))
+    c = step(*args, rng=jax.random.key(1))
+    assert_trees_close(a[0], b[0], rtol=0)
+    assert not np.allclose(np.asarray(a[0]["dense"]["kernel"]), np.asarray(c[0]["dense"]["kernel"]))
+    key_before = jax.random.key_data(rest["drop"]["rngs"]["key"])
+    key_after = jax.random.key_data(a[3]["drop"]["rngs"]["key"])
+    np.testing.assert_array_equal(np.asarray(key_before), np.asarray(key_after))
