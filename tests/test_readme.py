@@ -29,3 +29,11 @@ def test_readme_flax_example_runs_and_learns(name, capsys):
 def test_import_sam_optax_does_not_import_flax():
     code = "import sys, sam_optax, sam_optax.parallel; assert 'flax' not in sys.modules, sorted(m for m in sys.modules if 'flax' in m)"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_plain_jax_example_runs():
+    example = README.parent / "examples" / "digits_mlp.py"
+    out = subprocess.run(
+        [sys.executable, str(example), "--epochs", "2"], check=True, capture_output=True, text=True
+    ).stdout
+    assert "SGD test accuracy" in out and "SAM test accuracy" in out

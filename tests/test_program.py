@@ -1,0 +1,334 @@
+"""The ``sam-optax`` program: models, augmentation, CLI errors, smoke runs, resume."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sam_optax.program import augment
+from sam_optax.program import cli
+from sam_optax.program import configs
+from sam_optax.program import models
+from sam_optax.program import train
+
+# --------------------------------------------------------------------------
+# Models and augmentation.
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "name, shape, classes, approx_params",
+    [
+        ("mlp", (8, 8, 1), 10, 85_002),
+        ("cnn", (8, 8, 1), 10, 87_274),
+        ("resnet20", (32, 32, 3), 10, 0.27e6),
+        ("resnet32", (32, 32, 3), 10, 0.47e6),
+        ("wrn28_10", (32, 32, 3), 10, 36.5e6),
+        ("wrn28_10", (32, 32, 3), 100, 36.5e6),
+    ],
+)
+def test_model_output_shape_and_parameter_count(name, shape, classes, approx_params):
+    model = models.create_model(name, classes)
+    variables = jax.eval_shape(lambda k: models.init_variables(model, shape, k), jax.random.key(0))
+    n = models.count_params(variables["params"])
+    assert abs(n - approx_params) / approx_params < 0.01, n
+    out = jax.eval_shape(lambda v: model.apply(v, jnp.zeros((2, *shape)), train=False), variables)
+    assert out.shape == (2, classes)
+    assert ("batch_stats" in variables) == (name != "mlp")
+
+
+def test_models_train_mode_uses_dropout_and_batch_stats():
+    model = models.create_model("cnn", 10, dropout=0.5)
+    variables = models.init_variables(model, (8, 8, 1), jax.random.key(0))
+    x = jax.random.normal(jax.random.key(1), (4, 8, 8, 1))
+
+    def run(k):
+        return model.apply(variables, x, train=True, mutable=["batch_stats"], rngs={"dropout": k})
+
+    a, stats = run(jax.random.key(2))
+    b, _ = run(jax.random.key(3))
+    assert not np.allclose(a, b)
+    assert not np.allclose(
+        stats["batch_stats"]["BatchNorm_0"]["mean"], variables["batch_stats"]["BatchNorm_0"]["mean"]
+    )
+    with pytest.raises(ValueError, match="valid choices"):
+        models.create_model("vgg", 10)
+
+
+def test_flip_crop_and_cutout():
+    x = jnp.arange(2 * 6 * 6 * 1, dtype=jnp.float32).reshape(2, 6, 6, 1) + 1
+    key = jax.random.key(0)
+    y = augment.flip_crop(x, key, pad=2)
+    assert y.shape == x.shape
+    np.testing.assert_array_equal(y, augment.flip_crop(x, key, pad=2))
+    # every output pixel is an input pixel of the same image (or padding zero)
+    for i in range(2):
+        assert set(np.asarray(y[i]).ravel()) <= set(np.asarray(x[i]).ravel()) | {0.0}
+    z = augment.cutout(jnp.ones((8, 10, 10, 3)), key, size=4)
+    zeros_per_image = np.asarray((z == 0).all(-1).sum((1, 2)))
+    assert zeros_per_image.max() == 16 and zeros_per_image.min() >= 4  # clipped at borders
+    assert augment.augment(x, key, "none") is x
+
+
+# --------------------------------------------------------------------------
+# Command line: errors before any work, and never overwriting.
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "argv, match",
+    [
+        (["train", "--dataset", "svhn"], "valid choices: digits, cifar10, cifar100, fashion_mnist"),
+        (["train", "--model", "vgg"], "valid choices: mlp, cnn"),
+        (["train", "--config", "nope"], "valid choices: digits-noise"),
+        (["train", "--rho", "-0.1"], "--rho must be >= 0"),
+        (["train", "--label-noise", "1.0"], r"--label-noise must be in \[0, 1\)"),
+        (["train", "--label-noise", "-0.1"], r"--label-noise must be in \[0, 1\)"),
+        (["train", "--batch-size", "64", "--m", "3"], "not divisible by devices x m = 8 x 3"),
+        (["train", "--batch-size", "12"], "does not split over 8 devices"),
+        (["compare", "--rho", "0,-1"], "--rho must be a comma list of numbers >= 0"),
+        (["train", "--augment", "autoaugment"], "valid choices: none, basic, cutout"),
+        (["train", "--resume"], "--resume needs --out"),
+    ],
+)
+def test_bad_input_is_refused_before_any_work(argv, match, tmp_path, capsys):
+    out = tmp_path / "run"
+    code = cli.main([*argv, "--out", str(out)] if "--resume" not in argv else argv)
+    assert code == 2
+    assert __import__("re").search(match, capsys.readouterr().err)
+    assert not out.exists()
+
+
+def test_existing_out_is_never_overwritten(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep me")
+    assert cli.main(["train", "--epochs", "1", "--out", str(out), "--no-progress"]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["precious.txt"]
+
+
+def test_help_documents_every_flag_with_its_default(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["compare", "--help"])
+    text = capsys.readouterr().out
+    for flag in (
+        "--dataset",
+        "--data-dir",
+        "--model",
+        "--epochs",
+        "--batch-size",
+        "--lr",
+        "--weight-decay",
+        "--rho",
+        "--norm",
+        "--adaptive",
+        "--m",
+        "--sync-perturbation",
+        "--label-noise",
+        "--label-smoothing",
+        "--augment",
+        "--seeds",
+        "--out",
+        "--resume",
+        "--config",
+    ):
+        assert flag in text, flag
+    assert "default" in text and "0.4" in text
+
+
+def test_config_flags_override_the_recipe():
+    args = cli.build_parser().parse_args(
+        ["train", "--config", "wrn28_10-cifar100", "--epochs", "3", "--m", "batch", "--nesterov"]
+    )
+    c = cli.config_from_args(args)
+    assert (c.dataset, c.model, c.rho, c.lr, c.epochs, c.m, c.nesterov) == (
+        "cifar100",
+        "wrn28_10",
+        0.1,
+        0.1,
+        3,
+        None,
+        True,
+    )
+    assert cli.config_from_args(cli.build_parser().parse_args(["train"])) == configs.recipe(
+        "digits-noise"
+    )
+
+
+# --------------------------------------------------------------------------
+# Smoke runs of the real entry points.
+# --------------------------------------------------------------------------
+
+
+def test_train_smoke(tmp_path, capsys):
+    out = tmp_path / "run"
+    code = cli.main(
+        [
+            "train",
+            "--epochs",
+            "2",
+            "--model",
+            "cnn",
+            "--augment",
+            "basic",
+            "--out",
+            str(out),
+            "--no-progress",
+        ]
+    )
+    assert code == 0, capsys.readouterr().err
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["optimizer"] == "sam" and summary["devices"] == 8
+    assert 0.0 <= summary["test_accuracy"] <= 1.0
+    flipped = json.loads((out / "label_noise.json").read_text())["flipped"]
+    assert len(flipped) == round(0.4 * 1347)
+    assert "test accuracy" in capsys.readouterr().out
+
+
+def test_compare_smoke(tmp_path, capsys):
+    out = tmp_path / "cmp"
+    code = cli.main(
+        [
+            "compare",
+            "--epochs",
+            "2",
+            "--seeds",
+            "0,1",
+            "--rho",
+            "0,0.1",
+            "--out",
+            str(out),
+            "--no-progress",
+        ]
+    )
+    assert code == 0, capsys.readouterr().err
+    results = json.loads((out / "results.json").read_text())
+    assert len(results["runs"]) == 2 * 3  # per seed: SGD at 2 and 4 epochs, SAM at 2
+    for run in results["runs"]:
+        assert {
+            "optimizer",
+            "rho",
+            "m",
+            "seed",
+            "label_noise",
+            "epochs",
+            "test_accuracy",
+            "wall_seconds",
+        } <= set(run)
+    assert {r["epochs"] for r in results["runs"] if r["optimizer"] == "sgd"} == {2, 4}
+    md = (out / "results.md").read_text()
+    assert "| SAM | 0.1 |" in md and "| SGD | 0 |" in md and "±" in md
+    assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # resuming a finished comparison reuses every run
+    code = cli.main(
+        [
+            "compare",
+            "--epochs",
+            "2",
+            "--seeds",
+            "0,1",
+            "--rho",
+            "0,0.1",
+            "--out",
+            str(out),
+            "--resume",
+            "--no-progress",
+        ]
+    )
+    assert code == 0
+    assert json.loads((out / "results.json").read_text())["runs"] == results["runs"]
+
+
+def test_confidence_interval_is_the_t_interval():
+    from sam_optax.program.compare import confidence_interval
+
+    values = [0.90, 0.92, 0.97]
+    sd = np.std(values, ddof=1)
+    np.testing.assert_allclose(
+        confidence_interval(values), 4.302652729911275 * sd / np.sqrt(3), rtol=1e-9
+    )
+    assert np.isnan(confidence_interval([0.5]))
+
+
+# --------------------------------------------------------------------------
+# Resume: a run killed midway ends with the same parameters.
+# --------------------------------------------------------------------------
+
+RESUME_ARGS = ["train", "--epochs", "12", "--batch-size", "16", "--no-progress"]
+
+
+def _cli(argv, **kw):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    return subprocess.Popen([sys.executable, "-m", "sam_optax", *argv], env=env, **kw)
+
+
+@pytest.mark.slow
+def test_resume_after_kill_gives_the_same_final_parameters(tmp_path):
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    assert _cli([*RESUME_ARGS, "--out", str(full)]).wait(timeout=300) == 0
+
+    proc = _cli(
+        [*RESUME_ARGS, "--out", str(cut)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    metrics = cut / "metrics.jsonl"
+    deadline = time.time() + 240
+    try:
+        while time.time() < deadline:
+            if metrics.is_file() and len(metrics.read_text().splitlines()) >= 3:
+                break
+            assert proc.poll() is None, "the run ended before it could be killed"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert not (cut / "summary.json").exists(), "killed too late: the run had finished"
+    done = len(metrics.read_text().splitlines())
+    assert 3 <= done < 12
+
+    assert _cli([*RESUME_ARGS, "--out", str(cut), "--resume"]).wait(timeout=300) == 0
+    a, b = train.restore_final(full), train.restore_final(cut)
+    del a["wall_seconds"], b["wall_seconds"]  # timing, the only thing that may differ
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    rows = [json.loads(x) for x in (cut / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == list(range(1, 13))
+    summary = json.loads((cut / "summary.json").read_text())
+    assert (
+        summary["test_accuracy"] == json.loads((full / "summary.json").read_text())["test_accuracy"]
+    )
+
+
+def test_resume_refuses_other_settings(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli.main(["train", "--epochs", "1", "--out", str(out), "--no-progress"]) == 0
+    assert (
+        cli.main(
+            [
+                "train",
+                "--epochs",
+                "2",
+                "--lr",
+                "0.2",
+                "--out",
+                str(out),
+                "--resume",
+                "--no-progress",
+            ]
+        )
+        == 2
+    )
+    assert "settings differ" in capsys.readouterr().err
+    assert cli.main(["train", "--epochs", "1", "--out", str(tmp_path / "none"), "--resume"]) == 2
