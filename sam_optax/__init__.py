@@ -2,6 +2,7 @@
 
 from sam_optax import parallel
 from sam_optax._directions import ascent_direction
+from sam_optax._directions import project_to_ball
 from sam_optax._directions import random_direction
 from sam_optax._sam import GroupedObjective
 from sam_optax._sam import SAMState
@@ -15,6 +16,7 @@ __all__ = [
     "__version__",
     "ascent_direction",
     "parallel",
+    "project_to_ball",
     "random_direction",
     "sam",
 ]

@@ -19,7 +19,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-__all__ = ["ascent_direction", "random_direction"]
+__all__ = ["ascent_direction", "project_to_ball", "random_direction"]
 
 # A norm is either a static Python float (2.0, 3.0, inf, ...) or a traced
 # scalar (when ``optax.inject_hyperparams`` injects it). Static 2 and inf take
@@ -325,6 +325,63 @@ def ascent_direction(
         ds = [t * d for t, d in zip(scale, ds)]
     for i, d in zip(active, ds):
         out[i] = (rho * d).astype(leaves[i].dtype)
+    return jax.tree.unflatten(treedef, out)
+
+
+def project_to_ball(
+    tree: Any,
+    rho: jax.typing.ArrayLike,
+    *,
+    params: Any = None,
+    norm: Norm = 2,
+    adaptive: bool = False,
+    eta: jax.typing.ArrayLike = 0.01,
+    mask: Mask = None,
+) -> Any:
+    r"""Projects a perturbation onto the :math:`\rho`-ball of :func:`ascent_direction`.
+
+    The ball is :math:`\{\epsilon : \|T_w^{-1}\epsilon\|_p \le \rho\}` with
+    :math:`T_w = |w| + \eta` for ``adaptive=True`` and :math:`T_w = 1`
+    otherwise; the norm runs over the leaves ``mask`` selects (the others are
+    zeroed). The projection is the exact Euclidean one for p = 2 (rescaling)
+    and p = inf (clipping), a radial rescaling for other p, taken in the
+    :math:`T_w^{-1}` coordinates. This is the re-projection step of the
+    projected ascent of appendix C.6.
+
+    Args:
+      tree: the perturbation.
+      rho: radius.
+      params: parameters (for ``adaptive`` and a callable mask).
+      norm: p of the ball.
+      adaptive: ASAM's ball.
+      eta: ASAM's offset.
+      mask: as in :func:`ascent_direction`.
+
+    Returns:
+      The projected perturbation, each leaf in its dtype.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from sam_optax import project_to_ball
+      >>> print(project_to_ball(jnp.array([3.0, 4.0]), 1.0))
+      [0.6 0.8]
+      >>> print(project_to_ball(jnp.array([0.3, 0.4]), 1.0))
+      [0.3 0.4]
+    """
+    p = check_norm(norm)
+    leaves, masks, active, w_leaves, treedef = _prepare(tree, params, adaptive, mask, "tree")
+    out = [jnp.zeros_like(x) for x in leaves]
+    if not active:
+        return jax.tree.unflatten(treedef, out)
+    cdt = compute_dtype(jnp.result_type(*[leaves[i] for i in active]))
+    xs = apply_mask([leaves[i].astype(cdt) for i in active], [masks[i] for i in active])
+    if adaptive:
+        scale = adaptive_scale([w_leaves[i].astype(cdt) for i in active], eta)
+        xs = [t * d for t, d in zip(scale, project([x / t for t, x in zip(scale, xs)], p, rho))]
+    else:
+        xs = project(xs, p, rho)
+    for i, x in zip(active, xs):
+        out[i] = x.astype(leaves[i].dtype)
     return jax.tree.unflatten(treedef, out)
 
 

@@ -1,4 +1,4 @@
-"""The ``sam-optax`` command line: ``train`` and ``compare``."""
+"""The ``sam-optax`` command line: ``train``, ``compare`` and ``analyze``."""
 
 from __future__ import annotations
 
@@ -132,6 +132,21 @@ def build_parser() -> argparse.ArgumentParser:
         "(the default: digits with 40%% label noise, ~4 minutes on 2 CPU cores)",
     )
     _add_run_flags(p_compare, "compare")
+    p_analyze = sub.add_parser(
+        "analyze",
+        help="sharpness of a finished run: Hessian top eigenvalues, ascent sharpness, landscapes",
+    )
+    p_analyze.add_argument("run_dir", help="a run directory written by `sam-optax train`")
+    p_analyze.add_argument(
+        "--rho", type=float, default=0.05, help="radius of the ascent sharpness (default: 0.05)"
+    )
+    p_analyze.add_argument(
+        "--examples", type=int, default=512, help="training examples used (default: 512)"
+    )
+    p_analyze.add_argument(
+        "--iterations", type=int, default=40, help="Lanczos iterations (default: 40)"
+    )
+    p_analyze.add_argument("--no-plots", action="store_true", help="numbers only, no PNGs")
     return parser
 
 
@@ -179,6 +194,17 @@ def main(argv: list[str] | None = None) -> int:
         shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)
     )
     try:
+        if args.command == "analyze":
+            from sam_optax.program import analyze
+
+            analyze.analyze_run(
+                args.run_dir,
+                rho=args.rho,
+                examples=args.examples,
+                plots=not args.no_plots,
+                num_iterations=args.iterations,
+            )
+            return 0
         import jax
 
         config = config_from_args(args)

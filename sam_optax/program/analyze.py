@@ -1,0 +1,149 @@
+"""``sam-optax analyze RUN_DIR``: the sharpness of a trained model (paper section 4).
+
+Rebuilds the run's model and training data (with its label noise), restores
+the final checkpoint and measures, on the first ``examples`` training
+examples with the model in evaluation mode (running BatchNorm statistics, no
+dropout, no augmentation, so the loss is a function of the weights alone):
+
+* the top-5 Hessian eigenvalues, lambda_max and lambda_max / lambda_5 (4.2);
+* the ascent sharpness max_{|eps| <= rho} L(w + eps) - L(w) with 1 and 5
+  projected ascent steps (C.6, Table 11);
+
+and saves a 1-D and a 2-D filter-normalized loss landscape (Figure 1) and the
+spectral density as PNGs. Everything lands in ``RUN_DIR/analysis/``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from sam_optax import analysis
+from sam_optax.program import configs
+from sam_optax.program import input_pipeline
+from sam_optax.program import models
+from sam_optax.program import train
+from sam_optax.program.errors import RunDirError
+
+HVP_BATCH = 256
+
+
+def analyze_run(
+    run_dir: str | Path,
+    *,
+    rho: float = 0.05,
+    examples: int = 512,
+    plots: bool = True,
+    num_iterations: int = 40,
+) -> dict[str, Any]:
+    run_dir = Path(run_dir)
+    config_file = run_dir / "config.json"
+    if not config_file.is_file():
+        raise RunDirError(
+            f"{run_dir} is not a run directory of `sam-optax train` (no config.json)."
+        )
+    config = configs.Config(**json.loads(config_file.read_text()))
+    dataset = input_pipeline.load(config.dataset, config.data_dir)
+    y = dataset.y_train
+    if config.label_noise > 0:
+        y, _ = input_pipeline.symmetric_label_noise(
+            y, config.label_noise, dataset.num_classes, config.seed
+        )
+    n = min(examples, len(y))
+    n -= n % min(n, HVP_BATCH)
+    x, y = dataset.x_train[:n], y[:n]
+
+    state = train.restore_final(run_dir)
+    params, batch_stats = state["params"], state.get("batch_stats")
+    model = models.create_model(config.model, dataset.num_classes, config.dropout)
+    normalize = train._normalizer(dataset)
+
+    def loss(p: Any, batch: tuple[jax.Array, jax.Array]) -> jax.Array:
+        variables = {"params": p}
+        if batch_stats is not None:
+            variables["batch_stats"] = batch_stats
+        logits = model.apply(variables, normalize(batch[0]), train=False)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, batch[1]).mean()
+
+    chunk = min(n, HVP_BATCH)
+    batches = (
+        jnp.asarray(x).reshape(n // chunk, chunk, *x.shape[1:]),
+        jnp.asarray(y).reshape(n // chunk, chunk),
+    )
+    full = (jnp.asarray(x), jnp.asarray(y))
+
+    def full_loss(p: Any) -> jax.Array:
+        return loss(p, full)
+
+    lams = analysis.hessian_top_eigenvalues(
+        loss, params, k=5, batches=batches, num_iterations=num_iterations
+    )
+    result = {
+        "run_dir": str(run_dir),
+        "optimizer": config.optimizer,
+        "rho_trained": config.rho,
+        "examples": n,
+        "loss": float(full_loss(params)),
+        "top_eigenvalues": [float(v) for v in lams],
+        "lambda_max": float(lams[0]),
+        "lambda_max_over_lambda_5": float(lams[0] / lams[4]),
+        "sharpness_rho": rho,
+        "sharpness_1_step": float(analysis.sharpness(full_loss, params, rho, 1)),
+        "sharpness_5_steps": float(analysis.sharpness(full_loss, params, rho, 5)),
+    }
+    out = run_dir / "analysis"
+    out.mkdir(exist_ok=True)
+    if plots:
+        _plots(out, full_loss, loss, params, batches, lams, config)
+        result["plots"] = [
+            str(out / name) for name in ("landscape_1d.png", "landscape_2d.png", "spectrum.png")
+        ]
+    (out / "analysis.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(
+        f"{run_dir}: {config.optimizer} (rho={config.rho:g}), {n} training examples\n"
+        f"  loss {result['loss']:.4f}\n"
+        f"  lambda_max {result['lambda_max']:.4g}, lambda_max/lambda_5 {result['lambda_max_over_lambda_5']:.3g}\n"
+        f"  sharpness (rho={rho:g}): {result['sharpness_1_step']:.4g} (1 step), "
+        f"{result['sharpness_5_steps']:.4g} (5 steps)\n"
+        f"  written to {out}"
+    )
+    return result
+
+
+def _plots(out: Path, full_loss, loss, params, batches, lams, config) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from sam_optax.analysis import plots
+
+    title = f"{config.model}, {config.optimizer} (ρ={config.rho:g})"
+    alphas, losses = analysis.loss_landscape_1d(full_loss, params, key=jax.random.key(1))
+    ax = plots.plot_landscape_1d(alphas, losses)
+    ax.set_title(f"1-D landscape: {title}")
+    ax.figure.tight_layout()
+    ax.figure.savefig(out / "landscape_1d.png", dpi=110)
+    plt.close(ax.figure)
+
+    a, b, z = analysis.loss_landscape_2d(full_loss, params, key=jax.random.key(2))
+    ax = plots.plot_landscape_2d(a, b, z)
+    ax.set_title(f"2-D landscape: {title}")
+    ax.figure.tight_layout()
+    ax.figure.savefig(out / "landscape_2d.png", dpi=110)
+    plt.close(ax.figure)
+
+    grid, density, _ = analysis.hessian_spectral_density(
+        loss, params, batches=batches, num_iterations=40, num_draws=2
+    )
+    ax = plots.plot_spectrum(grid, density, eigenvalues=np.asarray(lams))
+    ax.set_title(f"Hessian spectrum: {title}")
+    ax.figure.tight_layout()
+    ax.figure.savefig(out / "spectrum.png", dpi=110)
+    plt.close(ax.figure)
