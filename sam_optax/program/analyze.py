@@ -117,33 +117,29 @@ def analyze_run(
 
 
 def _plots(out: Path, full_loss, loss, params, batches, lams, config) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     from sam_optax.analysis import plots
 
     title = f"{config.model}, {config.optimizer} (ρ={config.rho:g})"
     alphas, losses = analysis.loss_landscape_1d(full_loss, params, key=jax.random.key(1))
-    ax = plots.plot_landscape_1d(alphas, losses)
+    ax = plots.plot_landscape_1d(alphas, losses, ax=Figure(figsize=(5, 3.5)).subplots())
     ax.set_title(f"1-D landscape: {title}")
     ax.figure.tight_layout()
     ax.figure.savefig(out / "landscape_1d.png", dpi=110)
-    plt.close(ax.figure)
 
     a, b, z = analysis.loss_landscape_2d(full_loss, params, key=jax.random.key(2))
-    ax = plots.plot_landscape_2d(a, b, z)
+    ax = plots.plot_landscape_2d(a, b, z, ax=Figure(figsize=(5, 4)).subplots())
     ax.set_title(f"2-D landscape: {title}")
     ax.figure.tight_layout()
     ax.figure.savefig(out / "landscape_2d.png", dpi=110)
-    plt.close(ax.figure)
 
     grid, density, _ = analysis.hessian_spectral_density(
         loss, params, batches=batches, num_iterations=40, num_draws=2
     )
-    ax = plots.plot_spectrum(grid, density, eigenvalues=np.asarray(lams))
+    ax = plots.plot_spectrum(
+        grid, density, eigenvalues=np.asarray(lams), ax=Figure(figsize=(5, 3.5)).subplots()
+    )
     ax.set_title(f"Hessian spectrum: {title}")
     ax.figure.tight_layout()
     ax.figure.savefig(out / "spectrum.png", dpi=110)
-    plt.close(ax.figure)

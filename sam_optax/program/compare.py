@@ -200,12 +200,12 @@ def _report(base, plan, summaries, command) -> dict[str, Any]:
 
 
 def _plot(path: Path, base, curves, results) -> None:
-    import matplotlib
+    # A bare Figure: no pyplot, so no backend is switched in the caller's
+    # process (a notebook keeps its inline plots).
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    fig = Figure(figsize=(7, 4.2))
+    ax = fig.subplots()
     for (optimizer, rho, m, epochs), runs in sorted(
         curves.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][3])
     ):
@@ -227,4 +227,3 @@ def _plot(path: Path, base, curves, results) -> None:
     ax.legend(loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
