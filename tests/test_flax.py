@@ -285,20 +285,28 @@ def _mean(trees):
     return jax.tree.map(lambda *xs: sum(xs) / len(xs), *trees)
 
 
-def test_nnx_under_the_eight_device_builder():
-    batch = make_batch(4, size=64)
-    model = _nnx_model(dropout=0.0)
+def _nnx_on_eight_devices(model, batch, group_size=None):
+    """A per-device SAM step for ``model`` on 8 devices, and its placed arguments."""
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     params, rest = nnx.as_pure(params), nnx.as_pure(rest)
     mesh = jax.make_mesh((8,), ("data",))
     tx = optax.chain(sam_optax.sam(RHO, axis_name="data"), optax.sgd(LR))
-    step = parallel.shard_map_step(sam_flax.nnx_loss_fn(graphdef, nnx_loss), tx, mesh, has_aux=True)
-    new_params, _, _, new_rest = step(
+    step = parallel.shard_map_step(
+        sam_flax.nnx_loss_fn(graphdef, nnx_loss), tx, mesh, has_aux=True, group_size=group_size
+    )
+    args = (
         parallel.replicate(params, mesh),
         parallel.replicate(tx.init(params), mesh),
         parallel.shard_batch(batch, mesh),
         parallel.replicate(rest, mesh),
     )
+    return (graphdef, params, rest), step, args
+
+
+def test_nnx_under_the_eight_device_builder():
+    batch = make_batch(4, size=64)
+    (graphdef, params, rest), step, args = _nnx_on_eight_devices(_nnx_model(dropout=0.0), batch)
+    new_params, _, _, new_rest = step(*args)
     per_shard = [_nnx_reference(nnx.merge(graphdef, params, rest), s)[0] for s in _shards(batch)]
     v_mean = _mean([r[2] for r in per_shard])
     expected = jax.tree.map(lambda w, d: w - LR * d, params, v_mean)
@@ -334,20 +342,7 @@ def test_linen_under_the_eight_device_builder():
 @pytest.mark.parametrize("group_size", [None, 4])
 def test_nnx_loss_fn_reseeds_dropout_per_device_and_keeps_keys(group_size):
     batch = make_batch(6, size=64)
-    model = _nnx_model(dropout=0.5)
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    params, rest = nnx.as_pure(params), nnx.as_pure(rest)
-    mesh = jax.make_mesh((8,), ("data",))
-    tx = optax.chain(sam_optax.sam(RHO, axis_name="data"), optax.sgd(LR))
-    step = parallel.shard_map_step(
-        sam_flax.nnx_loss_fn(graphdef, nnx_loss), tx, mesh, has_aux=True, group_size=group_size
-    )
-    args = (
-        parallel.replicate(params, mesh),
-        parallel.replicate(tx.init(params), mesh),
-        parallel.shard_batch(batch, mesh),
-        parallel.replicate(rest, mesh),
-    )
+    (_, _, rest), step, args = _nnx_on_eight_devices(_nnx_model(dropout=0.5), batch, group_size)
     a = step(*args, rng=jax.random.key(0))
     b = step(*args, rng=jax.random.key(0))
     c = step(*args, rng=jax.random.key(1))

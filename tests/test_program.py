@@ -197,20 +197,8 @@ def test_train_smoke(tmp_path, capsys):
 
 def test_compare_smoke(tmp_path, capsys):
     out = tmp_path / "cmp"
-    code = cli.main(
-        [
-            "compare",
-            "--epochs",
-            "2",
-            "--seeds",
-            "0,1",
-            "--rho",
-            "0,0.1",
-            "--out",
-            str(out),
-            "--no-progress",
-        ]
-    )
+    argv = ["compare", "--epochs", "2", "--seeds", "0,1", "--rho", "0,0.1", "--out", str(out)]
+    code = cli.main([*argv, "--no-progress"])
     assert code == 0, capsys.readouterr().err
     results = json.loads((out / "results.json").read_text())
     assert len(results["runs"]) == 2 * 3  # per seed: SGD at 2 and 4 epochs, SAM at 2
@@ -230,21 +218,7 @@ def test_compare_smoke(tmp_path, capsys):
     assert "| SAM | 0.1 |" in md and "| SGD | 0 |" in md and "±" in md
     assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # resuming a finished comparison reuses every run
-    code = cli.main(
-        [
-            "compare",
-            "--epochs",
-            "2",
-            "--seeds",
-            "0,1",
-            "--rho",
-            "0,0.1",
-            "--out",
-            str(out),
-            "--resume",
-            "--no-progress",
-        ]
-    )
+    code = cli.main([*argv, "--resume", "--no-progress"])
     assert code == 0
     assert json.loads((out / "results.json").read_text())["runs"] == results["runs"]
 
