@@ -25,6 +25,7 @@ import optax
 
 import sam_optax
 from sam_optax import parallel
+from sam_optax._groups import stack_groups
 
 from _common import BATCH
 from _common import cnn_loss
@@ -41,7 +42,7 @@ def build(params, batch, groups):
     single = sam_optax.sam(RHO)
 
     def split(batch):
-        return jax.tree.map(lambda x: x.reshape(groups, m, *x.shape[1:]), batch)
+        return stack_groups(batch, m)
 
     def finish(params, state, sam_grads):
         updates, state = base.update(sam_grads, state, params)

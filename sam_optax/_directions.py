@@ -1,13 +1,22 @@
 """Ascent directions of SAM: eq. (2) p-norms, the adaptive form, random ones.
 
-Everything here is a pure function of arrays. The tree-level functions
-(:func:`ascent_direction`, :func:`random_direction`) are public and reused by
-the analysis tools; the list-level helpers below them work on flat lists of
-the *perturbed* leaves only and are what :func:`sam_optax.sam` calls.
+Three layers, top down:
 
-Norms and sums are computed in at least float32 (float64 stays float64), so
+* the public tree-level functions :func:`ascent_direction`,
+  :func:`project_to_ball` and :func:`random_direction` (reused by the analysis
+  tools);
+* :class:`Selection`: which leaves of the params are perturbed (the mask) and
+  the dtype the maths runs in;
+* the norm maths (:func:`p_norm`, :func:`dual_unit`, :func:`primal_unit`,
+  :func:`project`, :func:`adaptive_scale`), pure functions of any pytree of
+  arrays (the core passes lists of the selected leaves).
+
+Norms and sums run in at least float32 (float64 stays float64), so
 bfloat16/float16 trees get an accurate direction; the public functions return
-each leaf in its input dtype.
+each leaf in its input dtype. Complex leaves follow optax's convention (the
+caller conjugates ``jax.grad``): magnitudes ``|x|`` in every norm and the
+phase ``x / |x|`` in place of the sign, so the direction maximizes the real
+inner product :math:`\\mathrm{Re}\\langle\\epsilon, g\\rangle`.
 """
 
 from __future__ import annotations
@@ -15,9 +24,12 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from typing import Any
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+
+from sam_optax._checks import check_norm
 
 __all__ = ["ascent_direction", "project_to_ball", "random_direction"]
 
@@ -29,36 +41,152 @@ Mask = Any
 
 
 # --------------------------------------------------------------------------
-# Argument handling shared with ``_sam.py``.
+# Norm maths on any pytree of arrays (already in the compute dtype).
 # --------------------------------------------------------------------------
 
 
-def concrete_float(x: Any) -> float | None:
-    """``float(x)`` when ``x`` is a concrete number, ``None`` when it is traced."""
-    if isinstance(x, bool):
-        return float(x)
-    try:
-        return float(x)
-    except (TypeError, jax.errors.ConcretizationTypeError):
-        return None
+def _sum(values: Sequence[jax.Array]) -> jax.Array:
+    total = values[0]
+    for v in values[1:]:
+        total = total + v
+    return total
 
 
-def check_norm(norm: Norm) -> Norm:
-    """Validates the p of eq. (2); returns a float when concrete."""
-    p = concrete_float(norm)
-    if p is None:
-        return norm
-    if math.isnan(p) or p <= 1:
-        raise ValueError(
-            f"norm must be a number > 1 (2 is SAM, float('inf') is the sign "
-            f"direction), got norm={norm!r}."
-        )
-    return p
+def _safe_pow(a: jax.Array, e: Any) -> jax.Array:
+    """``a ** e`` for real ``a >= 0`` that is 0 at ``a == 0`` with a zero gradient."""
+    positive = a > 0
+    return jnp.where(positive, jnp.where(positive, a, 1.0) ** e, 0.0)
 
 
-def compute_dtype(dtype: Any) -> Any:
-    """The dtype norms and directions are computed in: at least float32."""
-    return jnp.promote_types(dtype, jnp.float32)
+def _safe_sqrt(s: jax.Array) -> jax.Array:
+    """``sqrt(s)`` for ``s >= 0`` with a zero (not infinite) gradient at 0."""
+    positive = s > 0
+    return jnp.where(positive, jnp.sqrt(jnp.where(positive, s, 1.0)), 0.0)
+
+
+def _abs_sq(x: jax.Array) -> jax.Array:
+    """``|x|^2``, real for complex ``x``."""
+    return jnp.real(x * jnp.conj(x)) if jnp.iscomplexobj(x) else jnp.square(x)
+
+
+def _abs_max(leaves: Sequence[jax.Array]) -> jax.Array:
+    """Global ``max |x|`` (0 for empty leaves)."""
+    maxima = [jnp.max(jnp.abs(x), initial=0.0) for x in leaves]
+    out = maxima[0]
+    for m in maxima[1:]:
+        out = jnp.maximum(out, m)
+    return out
+
+
+def _is(p: Norm, value: float) -> bool:
+    """Whether ``p`` is the static number ``value``."""
+    return isinstance(p, float) and p == value
+
+
+def _conjugate_exponent(p: Norm) -> Any:
+    """q with ``1/p + 1/q = 1``, valid for p = inf and for traced p."""
+    return 1.0 / (1.0 - 1.0 / p)
+
+
+def p_norm(tree: Any, p: Norm) -> jax.Array:
+    """Global p-norm over all leaves (computed on ``x / max|x|``: no overflow)."""
+    leaves = jax.tree.leaves(tree)
+    if _is(p, 2.0):
+        return _safe_sqrt(_sum([jnp.sum(_abs_sq(x)) for x in leaves]))
+    m = _abs_max(leaves)
+    if _is(p, math.inf):
+        return m
+    safe_m = jnp.where(m > 0, m, 1.0)
+    s = _sum([jnp.sum(_safe_pow(jnp.abs(x) / safe_m, p)) for x in leaves])
+    total = m * _safe_pow(s, 1.0 / p)
+    if isinstance(p, float):
+        return total
+    return jnp.where(jnp.isinf(p), m, total)
+
+
+def dual_unit(tree: Any, p: Norm, eps: Any) -> Any:
+    r"""The maximizer of :math:`\mathrm{Re}\langle d, x\rangle` over :math:`\|d\|_p \le 1`.
+
+    That is eq. (2) of the paper with :math:`\rho = 1`:
+    :math:`\mathrm{sign}(x)\,|x|^{q-1} / (\|x\|_q + \epsilon)^{q-1}`, with
+    ``eps`` added to the dual norm so that a zero ``x`` gives zero, not NaN.
+    The general case is computed on ``x / max|x|`` (the formula is invariant to
+    that scale), which keeps ``|x|^q`` finite for any q.
+    """
+    if _is(p, 2.0):
+        denom = p_norm(tree, 2.0) + eps
+        return jax.tree.map(lambda x: x / denom, tree)
+    if _is(p, math.inf):
+        return jax.tree.map(jnp.sign, tree)
+    q = _conjugate_exponent(p)
+    m = _abs_max(jax.tree.leaves(tree))
+    positive = m > 0
+    safe_m = jnp.where(positive, m, 1.0)
+    q_norm = _safe_pow(
+        _sum([jnp.sum(_safe_pow(jnp.abs(x) / safe_m, q)) for x in jax.tree.leaves(tree)]),
+        1.0 / q,
+    )
+    denom = (q_norm + jnp.where(positive, eps / safe_m, 1.0)) ** (q - 1.0)
+    return jax.tree.map(
+        lambda x: jnp.sign(x) * _safe_pow(jnp.abs(x) / safe_m, q - 1.0) / denom, tree
+    )
+
+
+def primal_unit(tree: Any, p: Norm) -> Any:
+    """``x / ||x||_p`` (zero stays zero): a direction of p-norm one."""
+    n = p_norm(tree, p)
+    safe_n = jnp.where(n > 0, n, 1.0)
+    return jax.tree.map(lambda x: x / safe_n, tree)
+
+
+def _clip_magnitude(x: jax.Array, radius: Any) -> jax.Array:
+    if not jnp.iscomplexobj(x):
+        return jnp.clip(x, -radius, radius)
+    size = jnp.abs(x)
+    return jnp.where(size > radius, x * (radius / jnp.where(size > 0, size, 1.0)), x)
+
+
+def project(tree: Any, p: Norm, radius: Any) -> Any:
+    """Projects onto the p-ball of the given radius.
+
+    Exact Euclidean projection for p = 2 (rescaling) and p = inf (clipping
+    each magnitude); for other p, the radial rescaling onto the ball.
+    """
+    if _is(p, math.inf):
+        return jax.tree.map(lambda x: _clip_magnitude(x, radius), tree)
+    n = p_norm(tree, p)
+    factor = jnp.where(n > radius, radius / jnp.where(n > 0, n, 1.0), 1.0)
+    out = jax.tree.map(lambda x: x * factor, tree)
+    if isinstance(p, float):
+        return out
+    return jax.tree.map(
+        lambda x, o: jnp.where(jnp.isinf(p), _clip_magnitude(x, radius), o), tree, out
+    )
+
+
+def adaptive_scale(params: Any, eta: Any) -> Any:
+    r"""ASAM's elementwise :math:`T_w = |w| + \eta`."""
+    return jax.tree.map(lambda w: jnp.abs(w) + eta, params)
+
+
+def random_unit(
+    key: jax.Array, like: Sequence[jax.Array], p: Norm, masks: Sequence[Any] | None = None
+) -> list[jax.Array]:
+    """Standard Gaussian arrays shaped and typed like ``like``, masked, scaled to p-norm one.
+
+    ``masks`` holds ``True`` or a boolean array per entry (elements outside
+    an array mask are zero).
+    """
+    keys = jax.random.split(key, len(like))
+    zs = [jax.random.normal(k, jnp.shape(x), jnp.result_type(x)) for k, x in zip(keys, like)]
+    if masks is not None:
+        zs = [z if m is True else jnp.where(m, z, jnp.zeros_like(z)) for z, m in zip(zs, masks)]
+    return primal_unit(zs, p)
+
+
+# --------------------------------------------------------------------------
+# Which leaves are perturbed.
+# --------------------------------------------------------------------------
 
 
 def mask_leaves(mask: Mask, params: Any) -> list[Any]:
@@ -74,10 +202,7 @@ def mask_leaves(mask: Mask, params: Any) -> list[Any]:
         mask = mask(params)
     try:
         full = jax.tree.map(
-            lambda m, sub: jax.tree.map(lambda _: m, sub),
-            mask,
-            params,
-            is_leaf=lambda x: x is None,
+            lambda m, sub: jax.tree.map(lambda _: m, sub), mask, params, is_leaf=lambda x: x is None
         )
     except (ValueError, TypeError) as err:
         raise ValueError(
@@ -89,7 +214,7 @@ def mask_leaves(mask: Mask, params: Any) -> list[Any]:
         raise ValueError(f"mask has {len(leaves)} leaves after broadcasting, params has {n}.")
     out = []
     for m in leaves:
-        if isinstance(m, (bool,)) or m is None:
+        if isinstance(m, bool) or m is None:
             out.append(bool(m))
         elif hasattr(m, "dtype") and jnp.issubdtype(m.dtype, jnp.bool_):
             out.append(m)
@@ -101,121 +226,61 @@ def mask_leaves(mask: Mask, params: Any) -> list[Any]:
     return out
 
 
-# --------------------------------------------------------------------------
-# List-level maths. ``xs`` are the active leaves, already in compute dtype.
-# --------------------------------------------------------------------------
+def compute_dtype(*dtypes: Any) -> Any:
+    """The dtype norms and directions are computed in: at least float32."""
+    return jnp.promote_types(jnp.result_type(*dtypes), jnp.float32)
 
 
-def _sum(values: Sequence[jax.Array]) -> jax.Array:
-    total = values[0]
-    for v in values[1:]:
-        total = total + v
-    return total
+class Selection(NamedTuple):
+    """The leaves of a params tree that are perturbed, and the compute dtype.
 
+    ``take`` pulls the selected leaves of a tree shaped like the params (cast
+    to ``dtype``, elementwise masks applied) as a list: every direction
+    computation runs on that list. ``place`` puts a list of per-leaf values
+    back at the selected positions of a full list of leaves.
 
-def _safe_pow(a: jax.Array, e: Any) -> jax.Array:
-    """``a ** e`` for ``a >= 0`` that is 0 at ``a == 0`` with a zero gradient."""
-    positive = a > 0
-    return jnp.where(positive, jnp.where(positive, a, 1.0) ** e, 0.0)
-
-
-def _safe_sqrt(s: jax.Array) -> jax.Array:
-    """``sqrt(s)`` for ``s >= 0`` with a zero (not infinite) gradient at 0."""
-    positive = s > 0
-    return jnp.where(positive, jnp.sqrt(jnp.where(positive, s, 1.0)), 0.0)
-
-
-def _abs_max(xs: Sequence[jax.Array]) -> jax.Array:
-    """Global ``max |x|`` (0 for empty leaves)."""
-    maxima = [jnp.max(jnp.abs(x), initial=0.0) for x in xs]
-    out = maxima[0]
-    for m in maxima[1:]:
-        out = jnp.maximum(out, m)
-    return out
-
-
-def _static(p: Norm, value: float) -> bool:
-    return isinstance(p, float) and p == value
-
-
-def _exponents(p: Norm) -> tuple[Any, Any]:
-    """``(1/p, q)`` with ``1/p + 1/q = 1``, valid for p = inf and traced p."""
-    inv_p = 1.0 / p
-    return inv_p, 1.0 / (1.0 - inv_p)
-
-
-def p_norm(xs: Sequence[jax.Array], p: Norm) -> jax.Array:
-    """Global p-norm of a list of arrays (scaled by the max: no overflow)."""
-    if _static(p, 2.0):
-        return _safe_sqrt(_sum([jnp.sum(jnp.square(x)) for x in xs]))
-    m = _abs_max(xs)
-    if _static(p, math.inf):
-        return m
-    safe_m = jnp.where(m > 0, m, 1.0)
-    inv_p = 1.0 / p
-    s = _sum([jnp.sum(_safe_pow(jnp.abs(x) / safe_m, p)) for x in xs])
-    total = m * _safe_pow(s, inv_p)
-    if isinstance(p, float):
-        return total
-    return jnp.where(jnp.isinf(p), m, total)
-
-
-def dual_unit(xs: Sequence[jax.Array], p: Norm, eps: Any) -> list[jax.Array]:
-    r"""The maximiser of :math:`\langle d, x\rangle` over :math:`\|d\|_p \le 1`.
-
-    That is eq. (2) of the paper with :math:`\rho = 1`:
-    :math:`\mathrm{sign}(x)\,|x|^{q-1} / (\|x\|_q + \epsilon)^{q-1}`, with
-    ``eps`` added to the dual norm so that a zero ``x`` gives zero, not NaN.
-    The general case is computed on ``x / max|x|`` (the formula is invariant to
-    that scale), which keeps ``|x|^q`` finite for any q.
+    Attributes:
+      treedef: the params' tree structure.
+      indices: positions of the perturbed leaves among the params' leaves.
+      masks: for each of them, ``True`` or a boolean array (elementwise mask).
+      dtype: at least float32, complex if any selected leaf is.
     """
-    if _static(p, 2.0):
-        denom = p_norm(xs, 2.0) + eps
-        return [x / denom for x in xs]
-    if _static(p, math.inf):
-        return [jnp.sign(x) for x in xs]
-    _, q = _exponents(p)
-    m = _abs_max(xs)
-    positive = m > 0
-    safe_m = jnp.where(positive, m, 1.0)
-    scaled = [jnp.abs(x) / safe_m for x in xs]
-    q_norm = _safe_pow(_sum([jnp.sum(_safe_pow(a, q)) for a in scaled]), 1.0 / q)
-    eps_over_m = jnp.where(positive, eps / safe_m, 1.0)
-    denom = (q_norm + eps_over_m) ** (q - 1.0)
-    return [jnp.sign(x) * _safe_pow(a, q - 1.0) / denom for x, a in zip(xs, scaled)]
 
+    treedef: Any
+    indices: tuple[int, ...]
+    masks: tuple[Any, ...]
+    dtype: Any
 
-def primal_unit(xs: Sequence[jax.Array], p: Norm) -> list[jax.Array]:
-    """``x / ||x||_p`` (zero stays zero): a direction of p-norm one."""
-    n = p_norm(xs, p)
-    safe_n = jnp.where(n > 0, n, 1.0)
-    return [x / safe_n for x in xs]
-
-
-def project(xs: Sequence[jax.Array], p: Norm, radius: Any) -> list[jax.Array]:
-    """Projects onto the p-ball of the given radius.
-
-    Exact Euclidean projection for p = 2 (rescaling) and p = inf (clipping);
-    for other p, the radial rescaling onto the ball.
-    """
-    if _static(p, math.inf):
-        return [jnp.clip(x, -radius, radius) for x in xs]
-    n = p_norm(xs, p)
-    factor = jnp.where(n > radius, radius / jnp.where(n > 0, n, 1.0), 1.0)
-    out = [x * factor for x in xs]
-    if isinstance(p, float):
+    def take(self, tree: Any) -> list[jax.Array]:
+        leaves = jax.tree.leaves(tree)
+        out = []
+        for i, m in zip(self.indices, self.masks):
+            x = leaves[i].astype(self.dtype)
+            out.append(x if m is True else jnp.where(m, x, jnp.zeros_like(x)))
         return out
-    return [jnp.where(jnp.isinf(p), jnp.clip(x, -radius, radius), o) for x, o in zip(xs, out)]
+
+    def place(self, values: Sequence[jax.Array], leaves: Sequence[Any]) -> list[Any]:
+        out = list(leaves)
+        for i, v in zip(self.indices, values):
+            out[i] = v
+        return out
 
 
-def adaptive_scale(ws: Sequence[jax.Array], eta: Any) -> list[jax.Array]:
-    r"""ASAM's elementwise :math:`T_w = |w| + \eta`."""
-    return [jnp.abs(w) + eta for w in ws]
+def select(params: Any, mask: Mask, *others: Any) -> Selection:
+    """The :class:`Selection` of ``mask`` over ``params``.
 
-
-def apply_mask(xs: Sequence[jax.Array], masks: Sequence[Any]) -> list[jax.Array]:
-    """Zeroes the elements an array mask leaves out (static masks are already applied)."""
-    return [x if m is True else jnp.where(m, x, jnp.zeros_like(x)) for x, m in zip(xs, masks)]
+    The compute dtype covers the selected leaves of ``params`` and of
+    ``others`` (trees shaped like it, e.g. the gradient).
+    """
+    leaves, treedef = jax.tree.flatten(params)
+    masks = mask_leaves(mask, params)
+    indices = tuple(i for i, m in enumerate(masks) if m is not False)
+    dtypes = [leaves[i].dtype for i in indices]
+    for other in others:
+        other_leaves = jax.tree.leaves(other)
+        dtypes += [jnp.result_type(other_leaves[i]) for i in indices]
+    dtype = compute_dtype(*dtypes) if dtypes else jnp.float32
+    return Selection(treedef, indices, tuple(masks[i] for i in indices), dtype)
 
 
 # --------------------------------------------------------------------------
@@ -223,27 +288,22 @@ def apply_mask(xs: Sequence[jax.Array], masks: Sequence[Any]) -> list[jax.Array]
 # --------------------------------------------------------------------------
 
 
-def _prepare(
-    tree: Any,
-    params: Any,
-    adaptive: bool,
-    mask: Mask,
-    name: str,
-) -> tuple[list[jax.Array], list[Any], list[int], list[Any] | None, Any]:
-    leaves, treedef = jax.tree.flatten(tree)
+def _selection_of(tree: Any, params: Any, adaptive: bool, mask: Mask, name: str) -> Selection:
     if adaptive and params is None:
         raise ValueError("adaptive=True needs params (T_w = |w| + eta).")
-    w_leaves = None
-    if params is not None:
-        w_leaves, w_def = jax.tree.flatten(params)
-        if w_def != treedef:
-            raise ValueError(
-                f"{name} and params must have the same tree structure; got\n"
-                f"  {name}: {treedef}\n  params: {w_def}"
-            )
-    masks = mask_leaves(mask, params if params is not None else tree)
-    active = [i for i, m in enumerate(masks) if m is not False]
-    return leaves, masks, active, w_leaves, treedef
+    if params is not None and jax.tree.structure(params) != jax.tree.structure(tree):
+        raise ValueError(
+            f"{name} and params must have the same tree structure; got\n"
+            f"  {name}: {jax.tree.structure(tree)}\n  params: {jax.tree.structure(params)}"
+        )
+    return select(params if params is not None else tree, mask, tree)
+
+
+def _to_tree(sel: Selection, values: Sequence[jax.Array], like: Any) -> Any:
+    """Selected values into a tree like ``like`` (zeros elsewhere), each leaf in its dtype."""
+    leaves = [jnp.zeros_like(x) for x in jax.tree.leaves(like)]
+    cast = [v.astype(leaves[i].dtype) for i, v in zip(sel.indices, values)]
+    return jax.tree.unflatten(sel.treedef, sel.place(cast, leaves))
 
 
 def ascent_direction(
@@ -275,7 +335,8 @@ def ascent_direction(
 
     The norm is global over all the leaves ``mask`` selects; the others get
     zero. ``eps`` is added to the dual norm so that a zero gradient gives a
-    zero perturbation, never NaN.
+    zero perturbation, never NaN. Complex leaves take optax's convention
+    (pass the conjugate of ``jax.grad``) and magnitudes in the norm.
 
     Args:
       grads: the gradient at ``params`` (any pytree of arrays).
@@ -296,8 +357,8 @@ def ascent_direction(
       >>> import jax.numpy as jnp
       >>> from sam_optax import ascent_direction
       >>> g = {"a": jnp.array([3.0, 0.0]), "b": jnp.array([4.0])}
-      >>> eps_hat = ascent_direction(g, 0.5)
-      >>> print(eps_hat["a"], eps_hat["b"])
+      >>> perturbation = ascent_direction(g, 0.5)
+      >>> print(perturbation["a"], perturbation["b"])
       [0.3 0. ] [0.4]
       >>> print(ascent_direction(g, 0.5, norm=float("inf"))["a"])
       [0.5 0. ]
@@ -310,22 +371,17 @@ def ascent_direction(
       <https://arxiv.org/abs/2102.11600>`_, 2021.
     """
     p = check_norm(norm)
-    leaves, masks, active, w_leaves, treedef = _prepare(grads, params, adaptive, mask, "grads")
-    out = [jnp.zeros_like(x) for x in leaves]
-    if not active:
-        return jax.tree.unflatten(treedef, out)
-    cdt = compute_dtype(jnp.result_type(*[leaves[i] for i in active]))
-    xs = apply_mask([leaves[i].astype(cdt) for i in active], [masks[i] for i in active])
-    scale = None
-    if adaptive:
-        scale = adaptive_scale([w_leaves[i].astype(cdt) for i in active], eta)
+    sel = _selection_of(grads, params, adaptive, mask, "grads")
+    if not sel.indices:
+        return jax.tree.map(jnp.zeros_like, grads)
+    xs = sel.take(grads)
+    scale = adaptive_scale(sel.take(params), eta) if adaptive else None
+    if scale is not None:
         xs = [t * x for t, x in zip(scale, xs)]
-    ds = dual_unit(xs, p, eps)
-    if adaptive:
-        ds = [t * d for t, d in zip(scale, ds)]
-    for i, d in zip(active, ds):
-        out[i] = (rho * d).astype(leaves[i].dtype)
-    return jax.tree.unflatten(treedef, out)
+    units = dual_unit(xs, p, eps)
+    if scale is not None:
+        units = [t * d for t, d in zip(scale, units)]
+    return _to_tree(sel, [rho * d for d in units], grads)
 
 
 def project_to_ball(
@@ -369,20 +425,17 @@ def project_to_ball(
       [0.3 0.4]
     """
     p = check_norm(norm)
-    leaves, masks, active, w_leaves, treedef = _prepare(tree, params, adaptive, mask, "tree")
-    out = [jnp.zeros_like(x) for x in leaves]
-    if not active:
-        return jax.tree.unflatten(treedef, out)
-    cdt = compute_dtype(jnp.result_type(*[leaves[i] for i in active]))
-    xs = apply_mask([leaves[i].astype(cdt) for i in active], [masks[i] for i in active])
+    sel = _selection_of(tree, params, adaptive, mask, "tree")
+    if not sel.indices:
+        return jax.tree.map(jnp.zeros_like, tree)
+    xs = sel.take(tree)
     if adaptive:
-        scale = adaptive_scale([w_leaves[i].astype(cdt) for i in active], eta)
-        xs = [t * d for t, d in zip(scale, project([x / t for t, x in zip(scale, xs)], p, rho))]
+        scale = adaptive_scale(sel.take(params), eta)
+        inner = project([x / t for t, x in zip(scale, xs)], p, rho)
+        xs = [t * d for t, d in zip(scale, inner)]
     else:
         xs = project(xs, p, rho)
-    for i, x in zip(active, xs):
-        out[i] = x.astype(leaves[i].dtype)
-    return jax.tree.unflatten(treedef, out)
+    return _to_tree(sel, xs, tree)
 
 
 def random_direction(
@@ -423,28 +476,10 @@ def random_direction(
       0.1
     """
     p = check_norm(norm)
-    leaves, masks, active, w_leaves, treedef = _prepare(like, params, adaptive, mask, "like")
-    out = [jnp.zeros_like(x) for x in leaves]
-    if not active:
-        return jax.tree.unflatten(treedef, out)
-    cdt = compute_dtype(jnp.result_type(*[leaves[i] for i in active]))
-    ws = None if w_leaves is None else [w_leaves[i].astype(cdt) for i in active]
-    ds = random_unit(key, [leaves[i] for i in active], [masks[i] for i in active], p, cdt)
+    sel = _selection_of(like, params, adaptive, mask, "like")
+    if not sel.indices:
+        return jax.tree.map(jnp.zeros_like, like)
+    units = random_unit(key, sel.take(like), p, sel.masks)
     if adaptive:
-        ds = [t * d for t, d in zip(adaptive_scale(ws, eta), ds)]
-    for i, d in zip(active, ds):
-        out[i] = (rho * d).astype(leaves[i].dtype)
-    return jax.tree.unflatten(treedef, out)
-
-
-def random_unit(
-    key: jax.Array,
-    like: Sequence[jax.Array],
-    masks: Sequence[Any],
-    p: Norm,
-    dtype: Any,
-) -> list[jax.Array]:
-    """Gaussian leaves shaped like ``like``, masked, scaled to p-norm one."""
-    keys = jax.random.split(key, len(like))
-    zs = [jax.random.normal(k, jnp.shape(x), dtype) for k, x in zip(keys, like)]
-    return primal_unit(apply_mask(zs, masks), p)
+        units = [t * d for t, d in zip(adaptive_scale(sel.take(params), eta), units)]
+    return _to_tree(sel, [rho * d for d in units], like)

@@ -1,8 +1,13 @@
-"""``sam``: Sharpness-Aware Minimization as an optax transformation."""
+"""``sam``: Sharpness-Aware Minimization as an optax transformation.
+
+:func:`sam` validates its arguments and wires the stages of
+:mod:`sam_optax._stages`; :func:`objective_from_args` turns ``tx.update``'s
+extra arguments into the :class:`~sam_optax._stages.Objective` every factory
+of the package works on.
+"""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from collections.abc import Hashable
 from collections.abc import Sequence
@@ -13,11 +18,16 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from sam_optax import _directions as dirs
+from sam_optax import _axes
+from sam_optax import _checks
+from sam_optax._directions import select
+from sam_optax._stages import Ascent
+from sam_optax._stages import Objective
+from sam_optax._stages import sam_gradient
 
 __all__ = ["GroupedObjective", "SAMState", "sam"]
 
-_DIRECTIONS = ("gradient", "random")
+DIRECTIONS = ("gradient", "random")
 
 
 class SAMState(NamedTuple):
@@ -42,7 +52,7 @@ class GroupedObjective(NamedTuple):
     groups are differentiated in one call of ``value_fn``, each against its own
     copy of the params, so no batched weights appear (that is what makes it as
     fast as one plain SAM step; see ``benchmarks/msharpness.py``).
-    :func:`sam_optax.parallel.grouped_sam_step` builds one for you.
+    :func:`sam_optax.parallel.grouped_step` builds one for you.
 
     Attributes:
       value_fn: ``(params_0, ..., params_{G-1}) -> mean_i L_i(params_i)`` (a
@@ -57,131 +67,113 @@ class GroupedObjective(NamedTuple):
     grads: Sequence[Any]
 
 
-# --------------------------------------------------------------------------
-# Mapped axes (shard_map / pmap / vmap).
-# --------------------------------------------------------------------------
+def objective_from_args(
+    updates: Any,
+    params: Any,
+    value_fn: Callable[[Any], Any] | None,
+    grouped_objective: GroupedObjective | None,
+    has_aux: bool,
+    owner: str = "sam",
+) -> Objective:
+    """The :class:`Objective` of one ``tx.update`` call, its inputs checked.
 
-
-def _axis_names(axis_name: Hashable | tuple[Hashable, ...] | None) -> tuple[Hashable, ...]:
-    if axis_name is None:
-        return ()
-    return tuple(axis_name) if isinstance(axis_name, tuple) else (axis_name,)
-
-
-def _check_axes_bound(names: tuple[Hashable, ...]) -> None:
-    for name in names:
-        try:
-            jax.lax.axis_size(name)
-        except NameError:
-            raise ValueError(
-                f"sam(axis_name={name!r}) is used where no mapped axis {name!r} "
-                "exists. Call tx.update inside jax.shard_map over a mesh with "
-                f"that axis, jax.pmap(..., axis_name={name!r}) or "
-                f"jax.vmap(..., axis_name={name!r}); on one device leave "
-                "axis_name=None."
-            ) from None
-
-
-def _manual_axes(names: tuple[Hashable, ...]) -> tuple[Hashable, ...]:
-    """The names among ``names`` that are shard_map (manual) mesh axes here."""
-    manual = set(jax.sharding.get_abstract_mesh().manual_axes)
-    return tuple(n for n in names if n in manual)
-
-
-def _varying_axes(x: jax.Array) -> frozenset:
-    aval = jax.typeof(x)
-    vma = getattr(aval, "vma", None)
-    if vma is None:
-        vma = getattr(getattr(aval, "mat", None), "varying", frozenset())
-    return frozenset(vma)
-
-
-def _vma_checked(manual: tuple[Hashable, ...]) -> bool:
-    """Whether shard_map tracks varying axes here (``check_vma=True``)."""
-    return bool(manual) and manual[0] in _varying_axes(jax.lax.axis_index(manual[0]))
-
-
-def _as_varying(leaves: Sequence[jax.Array], manual: tuple[Hashable, ...]) -> list[jax.Array]:
-    """Marks leaves as varying over the shard_map axes before differentiation.
-
-    Inside ``jax.shard_map`` a gradient taken with respect to a replicated
-    (invariant) value comes back already summed over the axis; making the
-    input varying keeps the per-device gradient.
+    Either ``value_fn`` (one group: the incoming ``updates`` are its gradient)
+    or a :class:`GroupedObjective`. Raises a clear error for a missing
+    ``params`` or closure, trees that do not match the params, and (at trace
+    time) a closure that does not return a scalar loss.
     """
-    if not manual:
-        return list(leaves)
-    out = []
-    for x in leaves:
-        missing = tuple(n for n in manual if n not in _varying_axes(x))
-        out.append(jax.lax.pcast(x, missing, to="varying") if missing else x)
-    return out
-
-
-def _pmean(leaves: Sequence[jax.Array], names: tuple[Hashable, ...]) -> list[jax.Array]:
-    if not names:
-        return list(leaves)
-    return list(jax.lax.pmean(list(leaves), names))
-
-
-# --------------------------------------------------------------------------
-# Argument checks.
-# --------------------------------------------------------------------------
-
-
-def _check_match(tree: Any, params: Any, name: str) -> list[jax.Array]:
-    leaves, treedef = jax.tree.flatten(tree)
-    p_leaves, p_def = jax.tree.flatten(params)
-    if treedef != p_def:
+    if params is None:
         raise ValueError(
-            f"sam: {name} must have the tree structure of params; got\n"
-            f"  {name}: {treedef}\n  params: {p_def}"
+            f"{owner}: update needs params (tx.update(grads, state, params, value_fn=...))."
         )
-    for i, (g, w) in enumerate(zip(leaves, p_leaves)):
-        if jnp.shape(g) != jnp.shape(w):
-            raise ValueError(
-                f"sam: leaf {i} of {name} has shape {jnp.shape(g)} but the "
-                f"matching params leaf has shape {jnp.shape(w)}."
-            )
-    return leaves
+    _checks.check_tree_matches(updates, params, "updates", owner)
+    if grouped_objective is None:
+        user_fn = _checks.check_value_fn(value_fn, owner)
+        loss = _checks.checked_loss(user_fn, has_aux, "value_fn", owner)
+        return Objective(loss=lambda points: loss(points[0]), grads=[updates])
+    if not isinstance(grouped_objective, GroupedObjective):
+        raise TypeError(f"{owner}: grouped_objective must be a sam_optax.GroupedObjective.")
+    grads = list(grouped_objective.grads)
+    if not grads:
+        raise ValueError(f"{owner}: grouped_objective.grads is empty.")
+    for i, g in enumerate(grads):
+        _checks.check_tree_matches(g, params, f"grouped_objective.grads[{i}]", owner)
+    loss = _checks.checked_loss(
+        grouped_objective.value_fn, has_aux, "grouped_objective.value_fn", owner
+    )
+    return Objective(loss=loss, grads=grads, name="grouped_objective.grads")
 
 
-def _checked_objective(fn: Callable[..., Any], has_aux: bool, name: str) -> Callable[..., Any]:
-    """Wraps the loss closure with trace-time checks of what it returns."""
+def check_local_gradients(
+    objective: Objective, sel: Any, axis_name: Any, manual: tuple[Hashable, ...]
+) -> None:
+    """Refuses, inside ``shard_map``, a gradient that is the same on every device.
 
-    def wrapped(arg: Any) -> Any:
-        out = fn(arg)
-        if has_aux:
-            if not (isinstance(out, tuple) and len(out) == 2):
-                raise TypeError(
-                    f"sam(has_aux=True): {name} must return (loss, aux), got {type(out).__name__}."
+    A gradient taken with respect to replicated params inside ``shard_map`` is
+    already summed over the devices (the gradient-sum trap): per-device
+    perturbation would silently become a synced one, with an update
+    n_devices times too large.
+    """
+    if not manual or not _axes.vma_checked(manual):
+        return
+    leaves = [jax.tree.leaves(g) for g in objective.grads]
+    for b, g in enumerate(leaves):
+        for i in sel.indices:
+            if not set(manual) <= _axes.varying_axes(g[i]):
+                name = objective.name if len(leaves) == 1 else f"{objective.name}[{b}]"
+                raise ValueError(
+                    f"sam(axis_name={axis_name!r}): the incoming gradient ({name}) "
+                    f"is the same on every device of axis {manual}: it was "
+                    "taken with respect to replicated params, and shard_map "
+                    "has already summed it over the devices. Differentiate "
+                    f"with respect to jax.lax.pcast(params, {manual!r}, "
+                    "to='varying') to keep each device's own gradient, or "
+                    "pass sync_perturbation=True."
                 )
-            loss = out[0]
-        else:
-            if isinstance(out, (tuple, list)):
-                raise TypeError(
-                    f"sam: {name} returned a {type(out).__name__}; it must "
-                    "return a scalar loss. If it returns (loss, aux), pass "
-                    "has_aux=True to sam."
-                )
-            loss = out
-        if jnp.shape(loss) != ():
+
+
+def check_no_complex_second_order(params: Any, sel: Any, ascent: Ascent) -> None:
+    if not ascent.second_order:
+        return
+    leaves = jax.tree.leaves(params)
+    for i in sel.indices:
+        if jnp.iscomplexobj(leaves[i]):
             raise TypeError(
-                f"sam: {name} must return a scalar loss, got an array of shape {jnp.shape(loss)}."
+                f"sam(second_order=True) does not support complex params; leaf {i} "
+                f"has dtype {leaves[i].dtype}. Use second_order=False, or mask that leaf out."
             )
-        return out
-
-    return wrapped
 
 
-def _check_nonnegative(name: str, value: Any) -> None:
-    v = dirs.concrete_float(value) if not callable(value) else None
-    if v is not None and (math.isnan(v) or v < 0):
-        raise ValueError(f"{name} must be >= 0, got {name}={value!r}.")
-
-
-# --------------------------------------------------------------------------
-# The transformation.
-# --------------------------------------------------------------------------
+def _validated_ascent(
+    norm: Any,
+    adaptive: bool,
+    eta: Any,
+    ascent_steps: Any,
+    second_order: bool,
+    mask: Any,
+    direction: str,
+    eps: Any,
+) -> Ascent:
+    norm = _checks.check_norm(norm)
+    steps = _checks.check_positive_int("ascent_steps", ascent_steps)
+    _checks.check_nonnegative("eta", eta)
+    _checks.check_nonnegative("eps", eps)
+    _checks.check_choice("direction", direction, DIRECTIONS)
+    if (second_order or direction == "random") and not isinstance(steps, int):
+        raise ValueError(
+            "second_order=True and direction='random' need a concrete "
+            "ascent_steps=1; with optax.inject_hyperparams pass "
+            "static_args=('ascent_steps',)."
+        )
+    if second_order and steps != 1:
+        raise ValueError(
+            f"second_order=True supports ascent_steps=1 only (appendix C.4), got ascent_steps={steps}."
+        )
+    if direction == "random" and (second_order or steps != 1):
+        raise ValueError("direction='random' takes neither second_order=True nor ascent_steps > 1.")
+    if mask is not None and not callable(mask) and not jax.tree.leaves(mask):
+        raise ValueError(f"mask must be a pytree of bools or a callable, got {mask!r}.")
+    return Ascent(norm, adaptive, eta, steps, second_order, mask, direction, eps)
 
 
 def sam(
@@ -255,6 +247,11 @@ def sam(
     With ``rho == 0`` the incoming gradient is returned unchanged (averaged
     over ``axis_name`` if given): the chain is then exactly its base optimizer.
 
+    Complex params follow optax's convention: pass the conjugate of
+    ``jax.grad`` (``optax.tree.conj``); norms use :math:`|x|^2` and the
+    gradient at the perturbed point is conjugated the same way
+    (``second_order=True`` refuses complex leaves).
+
     ``optax.inject_hyperparams(sam)(rho=...)`` works as is; ``norm``, ``eta``,
     ``eps`` and ``ascent_steps`` then become traced numbers too, which is
     correct but slower (general-p formula, a while loop for the steps). For the
@@ -303,39 +300,14 @@ def sam(
       Kwon et al, `ASAM: Adaptive Sharpness-Aware Minimization
       <https://arxiv.org/abs/2102.11600>`_, 2021.
     """
-    # ---- construction-time validation (only of concrete values) ----
-    if not callable(rho):
-        _check_nonnegative("rho", rho)
-    p = dirs.check_norm(norm)
-    steps = dirs.concrete_float(ascent_steps)
-    if steps is not None:
-        if steps != int(steps) or steps < 1:
-            raise ValueError(
-                f"ascent_steps must be an integer >= 1, got ascent_steps={ascent_steps!r}."
-            )
-        ascent_steps = int(steps)
-    _check_nonnegative("eta", eta)
-    _check_nonnegative("eps", eps)
-    if direction not in _DIRECTIONS:
-        raise ValueError(f"direction must be one of {_DIRECTIONS}, got direction={direction!r}.")
-    if (second_order or direction == "random") and steps is None:
-        raise ValueError(
-            "second_order=True and direction='random' need a concrete "
-            "ascent_steps=1; with optax.inject_hyperparams pass "
-            "static_args=('ascent_steps',)."
-        )
-    if second_order and ascent_steps != 1:
-        raise ValueError(
-            f"second_order=True supports ascent_steps=1 only (appendix C.4), got ascent_steps={ascent_steps}."
-        )
-    if direction == "random" and (second_order or ascent_steps != 1):
-        raise ValueError("direction='random' takes neither second_order=True nor ascent_steps > 1.")
+    _checks.check_nonnegative("rho", rho)
+    ascent = _validated_ascent(
+        norm, adaptive, eta, ascent_steps, second_order, mask, direction, eps
+    )
     if sync_perturbation and axis_name is None:
         raise ValueError("sync_perturbation=True needs axis_name (the axis to average over).")
-    if mask is not None and not callable(mask) and not jax.tree.leaves(mask):
-        raise ValueError(f"mask must be a pytree of bools or a callable, got {mask!r}.")
-    names = _axis_names(axis_name)
-    rho_static = None if callable(rho) else dirs.concrete_float(rho)
+    axes = _axes.axis_names(axis_name)
+    rho_static = None if callable(rho) else _checks.concrete_float(rho)
 
     def init_fn(params: optax.Params) -> SAMState:
         del params
@@ -354,224 +326,33 @@ def sam(
         **extra_args: Any,
     ) -> tuple[optax.Updates, SAMState]:
         del extra_args
-        if params is None:
-            raise ValueError(
-                "sam: update needs params (tx.update(grads, state, params, value_fn=...))."
-            )
-        if grouped_objective is None:
-            if value_fn is None:
-                raise TypeError(
-                    "sam: update needs the loss closure: call "
-                    "tx.update(grads, state, params, value_fn=loss_fn) with "
-                    "loss_fn(params) -> scalar."
-                )
-            if not callable(value_fn):
-                raise TypeError(f"sam: value_fn must be callable, got {type(value_fn).__name__}.")
-            user_fn = value_fn
-
-            def objective(ps: tuple[Any, ...]) -> Any:
-                return user_fn(ps[0])
-
-            block_grads = [updates]
-            fn_name = "value_fn"
-        else:
-            if not isinstance(grouped_objective, GroupedObjective):
-                raise TypeError("sam: grouped_objective must be a sam_optax.GroupedObjective.")
-            objective = grouped_objective.value_fn
-            block_grads = list(grouped_objective.grads)
-            if not block_grads:
-                raise ValueError("sam: grouped_objective.grads is empty.")
-            fn_name = "grouped_objective.value_fn"
-        up_leaves = _check_match(updates, params, "updates")
-        block_leaves = [
-            _check_match(
-                g,
-                params,
-                "updates" if grouped_objective is None else f"grouped_objective.grads[{i}]",
-            )
-            for i, g in enumerate(block_grads)
-        ]
-        objective = _checked_objective(objective, has_aux, fn_name)
-        if names:
-            _check_axes_bound(names)
-
-        count = state.count
-        new_state = SAMState(
-            count=optax.safe_increment(count),
-            key=None
-            if state.key is None
-            else jax.random.key_data(jax.random.split(jax.random.wrap_key_data(state.key))[0]),
-        )
-
-        # rho == 0: SAM is the identity, only the average over devices remains.
-        def baseline() -> list[jax.Array]:
-            return _pmean(up_leaves, names)
-
-        if rho_static == 0.0:
-            return jax.tree.unflatten(jax.tree.structure(updates), baseline()), new_state
-
-        rho_t = rho(count) if callable(rho) else rho
-        w_leaves, treedef = jax.tree.flatten(params)
-        masks = dirs.mask_leaves(mask, params)
-        active = [i for i, m in enumerate(masks) if m is not False]
-        if not active:
+        objective = objective_from_args(updates, params, value_fn, grouped_objective, has_aux)
+        _axes.check_bound(axes)
+        new_state = _next_state(state)
+        sel = select(params, ascent.mask, *objective.grads)
+        baseline = _axes.pmean(updates, axes)
+        if rho_static == 0.0 or not sel.indices:
             # Nothing is perturbed: the gradient at w + 0 is the gradient at w.
-            return jax.tree.unflatten(treedef, baseline()), new_state
-        act_masks = [masks[i] for i in active]
-        n_blocks = len(block_leaves)
-        cdt = dirs.compute_dtype(
-            jnp.result_type(*[block_leaves[0][i] for i in active], *[w_leaves[i] for i in active])
+            return baseline, new_state
+        check_local_gradients(objective, sel, axis_name, _axes.manual_axes(axes))
+        check_no_complex_second_order(params, sel, ascent)
+        rho_t = rho(state.count) if callable(rho) else rho
+        key = None if state.key is None else jax.random.wrap_key_data(state.key)
+        out, _ = sam_gradient(
+            objective, params, sel, rho_t, ascent, axes=axes, sync=sync_perturbation, key=key
         )
-        rho_c = jnp.asarray(rho_t, cdt)
-        manual = _manual_axes(names)
-
-        w_act = [w_leaves[i] for i in active]
-        w_act_c = [w.astype(cdt) for w in w_act]
-
-        # ---- the direction, as a function of (gradient, params) ----
-        def scale_of(ws: Sequence[jax.Array]) -> list[jax.Array] | None:
-            return dirs.adaptive_scale(ws, eta) if adaptive else None
-
-        def unit_step(g_act: Sequence[jax.Array], scale: list[jax.Array] | None) -> list[jax.Array]:
-            xs = dirs.apply_mask([g.astype(cdt) for g in g_act], act_masks)
-            if scale is not None:
-                xs = [t * x for t, x in zip(scale, xs)]
-            return dirs.dual_unit(xs, p, eps)
-
-        def to_eps(delta: Sequence[jax.Array], scale: list[jax.Array] | None) -> list[jax.Array]:
-            return list(delta) if scale is None else [t * d for t, d in zip(scale, delta)]
-
-        def eps_of(g_act: Sequence[jax.Array], ws: Sequence[jax.Array]) -> list[jax.Array]:
-            scale = scale_of(ws)
-            return to_eps([rho_c * d for d in unit_step(g_act, scale)], scale)
-
-        def perturbed_blocks(eps_blocks: Sequence[Sequence[jax.Array]]) -> tuple[Any, ...]:
-            blocks = []
-            for eps_act in eps_blocks:
-                leaves = list(w_leaves)
-                for i, e in zip(active, eps_act):
-                    leaves[i] = (w_leaves[i].astype(cdt) + e).astype(w_leaves[i].dtype)
-                blocks.append(jax.tree.unflatten(treedef, _as_varying(leaves, manual)))
-            return tuple(blocks)
-
-        def loss_only(ps: tuple[Any, ...]) -> Any:
-            out = objective(ps)
-            return out[0] if has_aux else out
-
-        def block_gradients(ps: tuple[Any, ...]) -> list[list[jax.Array]]:
-            """Each group's gradient of its own loss, grad L_i(ps[i]).
-
-            The objective is the mean over the G groups, so its gradient with
-            respect to ``ps[i]`` is grad L_i / G.
-            """
-            grads = jax.grad(loss_only)(ps)
-            if n_blocks == 1:
-                return [jax.tree.leaves(grads[0])]
-            return [[g * n_blocks for g in jax.tree.leaves(gb)] for gb in grads]
-
-        def direction_grads(g_blocks: Sequence[Sequence[jax.Array]]) -> list[list[jax.Array]]:
-            """Active leaves of the gradients the directions are computed from."""
-            act = [[g[i] for i in active] for g in g_blocks]
-            if not sync_perturbation:
-                return act
-            mean = [sum(g[j].astype(cdt) for g in act) / n_blocks for j in range(len(active))]
-            mean = _pmean(mean, names)
-            return [mean] * n_blocks
-
-        # Guard against the shard_map trap: a gradient of replicated params is
-        # already summed over the devices, so per-device perturbation is lost.
-        if manual and not sync_perturbation and _vma_checked(manual):
-            for b, g in enumerate(block_leaves):
-                for i in active:
-                    if not set(manual) <= _varying_axes(g[i]):
-                        raise ValueError(
-                            f"sam(axis_name={axis_name!r}): the incoming gradient "
-                            f"({'updates' if grouped_objective is None else f'grouped_objective.grads[{b}]'}) "
-                            f"is the same on every device of axis {manual}: it was "
-                            "taken with respect to replicated params, and shard_map "
-                            "has already summed it over the devices. Differentiate "
-                            f"with respect to jax.lax.pcast(params, {manual!r}, "
-                            "to='varying') to keep each device's own gradient, or "
-                            "pass sync_perturbation=True."
-                        )
-
-        dir_grads = direction_grads(block_leaves)
-        scale = scale_of(w_act_c)
-
-        # ---- first step (eq. 2) ----
-        if direction == "random":
-            key = jax.random.wrap_key_data(state.key)
-            if names and not sync_perturbation:
-                for n in names:
-                    key = jax.random.fold_in(key, jax.lax.axis_index(n))
-            deltas = [
-                [
-                    rho_c * d
-                    for d in dirs.random_unit(jax.random.fold_in(key, b), w_act, act_masks, p, cdt)
-                ]
-                for b in range(n_blocks)
-            ]
-        else:
-            deltas = [[rho_c * d for d in unit_step(g, scale)] for g in dir_grads]
-
-        # ---- further projected ascent steps (appendix C.6) ----
-        def ascent_step(deltas: list[list[jax.Array]]) -> list[list[jax.Array]]:
-            g_blocks = block_gradients(perturbed_blocks([to_eps(d, scale) for d in deltas]))
-            return [
-                dirs.project([d + rho_c * u for d, u in zip(delta, unit_step(g, scale))], p, rho_c)
-                for delta, g in zip(deltas, direction_grads(g_blocks))
-            ]
-
-        if isinstance(ascent_steps, int):
-            for _ in range(ascent_steps - 1):
-                deltas = ascent_step(deltas)
-        else:
-            deltas = jax.lax.fori_loop(1, ascent_steps, lambda _, d: ascent_step(d), deltas)
-
-        eps_blocks = [to_eps(d, scale) for d in deltas]
-
-        # ---- the SAM gradient (eq. 3) ----
-        v_blocks = block_gradients(perturbed_blocks(eps_blocks))
-        if n_blocks == 1:
-            out = [v.astype(cdt) for v in v_blocks[0]]
-        else:
-            out = [
-                sum(vb[i].astype(cdt) for vb in v_blocks) / n_blocks for i in range(len(w_leaves))
-            ]
-
-        # ---- second-order term (appendix C.4) ----
-        if second_order:
-            if sync_perturbation:
-                v_mean = _pmean([out[i] for i in active], names)
-                v_eff = [v_mean] * n_blocks
-            else:
-                v_eff = [[vb[i].astype(cdt) for i in active] for vb in v_blocks]
-            tangents, w_terms = [], []
-            for g, v in zip(dir_grads, v_eff):
-                _, pullback = jax.vjp(eps_of, [x.astype(cdt) for x in g], w_act_c)
-                u_g, u_w = pullback(v)
-                leaves = [jnp.zeros_like(w) for w in w_leaves]
-                for i, u in zip(active, u_g):
-                    leaves[i] = u.astype(w_leaves[i].dtype)
-                tangents.append(jax.tree.unflatten(treedef, leaves))
-                w_terms.append(u_w)
-            at_w = tuple(
-                jax.tree.unflatten(treedef, _as_varying(w_leaves, manual)) for _ in range(n_blocks)
-            )
-            _, hvp = jax.jvp(jax.grad(loss_only), (at_w,), (tuple(tangents),))
-            hvp_leaves = [jax.tree.leaves(h) for h in hvp]
-            for i in range(len(w_leaves)):
-                # The objective is a mean over groups: each block's HVP is already / G.
-                out[i] = out[i] + sum(h[i].astype(cdt) for h in hvp_leaves)
-            if adaptive:
-                for j, i in enumerate(active):
-                    out[i] = out[i] + sum(wt[j] for wt in w_terms) / n_blocks
-
-        out = _pmean(out, names)
-        out = [o.astype(u.dtype) for o, u in zip(out, up_leaves)]
-        if rho_static is None:
-            zero = rho_c == 0
-            out = [jnp.where(zero, b, o) for b, o in zip(baseline(), out)]
-        return jax.tree.unflatten(jax.tree.structure(updates), out), new_state
+        out = _axes.pmean(out, axes)
+        out = [o.astype(u.dtype) for o, u in zip(out, jax.tree.leaves(updates))]
+        out = jax.tree.unflatten(jax.tree.structure(updates), out)
+        if rho_static is None:  # a schedule or a traced rho may be 0 at this step
+            out = jax.tree.map(lambda b, o: jnp.where(rho_t == 0, b, o), baseline, out)
+        return out, new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _next_state(state: SAMState) -> SAMState:
+    key = state.key
+    if key is not None:
+        key = jax.random.key_data(jax.random.split(jax.random.wrap_key_data(key))[0])
+    return SAMState(count=optax.safe_increment(state.count), key=key)

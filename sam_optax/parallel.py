@@ -41,10 +41,10 @@ from jax.sharding import Mesh
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from sam_optax import _axes
+from sam_optax import _groups
+from sam_optax._groups import split_groups
 from sam_optax._sam import GroupedObjective
-from sam_optax._sam import _as_varying
-from sam_optax._sam import _manual_axes
-from sam_optax._sam import _varying_axes
 
 __all__ = [
     "grouped_step",
@@ -56,46 +56,7 @@ __all__ = [
 ]
 
 LossFn = Callable[..., Any]
-
-
-# --------------------------------------------------------------------------
-# Batches and groups.
-# --------------------------------------------------------------------------
-
-
-def _batch_size(batch: Any) -> int:
-    sizes = {int(np.shape(x)[0]) for x in jax.tree.leaves(batch)}
-    if len(sizes) != 1:
-        raise ValueError(
-            f"every leaf of batch must have the same leading size, got {sorted(sizes)}."
-        )
-    return sizes.pop()
-
-
-def _check_group_size(group_size: int | None) -> None:
-    if group_size is not None and (not isinstance(group_size, int) or group_size < 1):
-        raise ValueError(
-            f"group_size must be a positive int or None, got group_size={group_size!r}."
-        )
-
-
-def _n_groups(per_device: int, group_size: int | None, n_devices: int) -> int:
-    if group_size is None:
-        return 1
-    if per_device % group_size:
-        raise ValueError(
-            f"batch of {per_device * n_devices} examples does not split into "
-            f"{n_devices} device(s) x groups of group_size={group_size}: each "
-            f"device gets {per_device}, which is not a multiple of {group_size}."
-        )
-    return per_device // group_size
-
-
-def split_groups(batch: Any, n_groups: int) -> list[Any]:
-    """Splits the leading axis of every leaf into ``n_groups`` equal consecutive parts."""
-    size = _batch_size(batch)
-    m = size // n_groups
-    return [jax.tree.map(lambda x, i=i: x[i * m : (i + 1) * m], batch) for i in range(n_groups)]
+Step = Callable[..., tuple[Any, ...]]
 
 
 # --------------------------------------------------------------------------
@@ -119,10 +80,6 @@ def _reduce_aux(aux: list[Any], names: tuple[Hashable, ...]) -> Any:
             return sum(xs[1:], xs[0]) / len(xs)
         return xs[0]
 
-    out = jax.tree.map(over_groups, *aux)
-    if not names:
-        return out
-
     def over_devices(x):
         if _is_key(x):
             return x
@@ -130,14 +87,28 @@ def _reduce_aux(aux: list[Any], names: tuple[Hashable, ...]) -> Any:
             return jax.lax.pmean(x, names)
         return jax.lax.pmax(x, names)
 
-    return jax.tree.map(over_devices, out)
+    out = jax.tree.map(over_groups, *aux)
+    return jax.tree.map(over_devices, out) if names else out
+
+
+def _check_updates_averaged(updates: Any, manual: tuple[Hashable, ...]) -> None:
+    """The chain must hand back updates that are the same on every device."""
+    for u in jax.tree.leaves(updates):
+        for name in manual:
+            if name in _axes.varying_axes(u):
+                raise ValueError(
+                    "the optimizer's updates still differ between the devices of axis "
+                    f"{name!r}: tx must average the gradients over that axis. Put "
+                    f"sam_optax.sam(..., axis_name={name!r}) first in the chain "
+                    f"(for a plain data-parallel baseline, sam(0.0, axis_name={name!r}))."
+                )
 
 
 def _device_step(
     loss_fn: LossFn,
     tx: optax.GradientTransformation,
     has_aux: bool,
-    n_groups: int,
+    group_size: int | None,
     names: tuple[Hashable, ...],
     params: Any,
     opt_state: Any,
@@ -145,64 +116,87 @@ def _device_step(
     args: tuple[Any, ...],
     rng: jax.Array | None,
 ) -> tuple[Any, ...]:
-    """One SAM step on this device's share of the batch (inside a mapped context or not)."""
-    manual = _manual_axes(names)
-    groups = split_groups(batch, n_groups) if n_groups > 1 else [batch]
-    if rng is not None:
-        for name in names:
-            rng = jax.random.fold_in(rng, jax.lax.axis_index(name))
-        keys = [jax.random.fold_in(rng, i) for i in range(n_groups)]
+    """One SAM step on this device's share of the batch (inside a mapped context or not).
 
-    def group_loss(i: int, p: Any) -> tuple[jax.Array, Any]:
-        kwargs = {} if rng is None else {"rng": keys[i]}
-        out = loss_fn(p, groups[i], *args, **kwargs)
+    The share splits into groups of ``group_size`` examples; all groups are
+    differentiated in one pass, each against its own copy of the params made
+    varying over the ``shard_map`` axes (so gradients stay per device), and
+    ``tx`` gets a :class:`~sam_optax.GroupedObjective` when there is more than
+    one group.
+    """
+    manual = _axes.manual_axes(names)
+    n_groups = _groups.groups_per_shard(_groups.batch_size(batch), group_size)
+    groups = split_groups(batch, n_groups)
+    if rng is not None:
+        rng = _axes.fold_in_axis_index(rng, names)
+
+    def group_loss(i: int, point: Any) -> tuple[jax.Array, Any]:
+        kwargs = {} if rng is None else {"rng": jax.random.fold_in(rng, i)}
+        out = loss_fn(point, groups[i], *args, **kwargs)
         return out if has_aux else (out, None)
 
-    def objective(ps: tuple[Any, ...]) -> tuple[jax.Array, list[Any]]:
-        losses, auxes = zip(*(group_loss(i, p) for i, p in enumerate(ps)), strict=True)
+    def objective(points: tuple[Any, ...]) -> tuple[jax.Array, list[Any]]:
+        losses, auxes = zip(*(group_loss(i, pt) for i, pt in enumerate(points)), strict=True)
         return sum(losses[1:], losses[0]) / n_groups, list(auxes)
 
-    local = jax.tree.unflatten(
-        jax.tree.structure(params), _as_varying(jax.tree.leaves(params), manual)
-    )
+    local = _axes.as_varying(params, manual)
     (loss, auxes), grads = jax.value_and_grad(objective, has_aux=True)((local,) * n_groups)
-
-    def value_fn(p: Any) -> jax.Array:
-        return objective((p,) * n_groups)[0]
-
-    extra: dict[str, Any] = {"value_fn": value_fn}
+    extra: dict[str, Any] = {"value_fn": lambda p: objective((p,) * n_groups)[0]}
     mean_grad = grads[0]
     if n_groups > 1:
         mean_grad = jax.tree.map(lambda *g: sum(g[1:], g[0]), *grads)
-        per_group = [jax.tree.map(lambda g: g * n_groups, gi) for gi in grads]
         extra["grouped_objective"] = GroupedObjective(
-            value_fn=lambda ps: objective(ps)[0], grads=per_group
+            value_fn=lambda points: objective(points)[0],
+            grads=[jax.tree.map(lambda g: g * n_groups, gi) for gi in grads],
         )
     updates, opt_state = tx.update(mean_grad, opt_state, params, **extra)
-    if manual:
-        varying = [n for u in jax.tree.leaves(updates) for n in manual if n in _varying_axes(u)]
-        if varying:
-            raise ValueError(
-                f"the optimizer's updates still differ between the devices of axis "
-                f"{varying[0]!r}: tx must average the gradients over that axis. Put "
-                f"sam_optax.sam(..., axis_name={varying[0]!r}) first in the chain "
-                f"(for a plain data-parallel baseline, sam(0.0, axis_name={varying[0]!r}))."
-            )
+    _check_updates_averaged(updates, manual)
     params = optax.apply_updates(params, updates)
-    loss = jax.lax.pmean(loss, names) if names else loss
-    out = (params, opt_state, loss)
-    if has_aux:
-        out = (*out, _reduce_aux(auxes, names))
-    return out
+    out = (params, opt_state, _axes.pmean(loss, names))
+    return (*out, _reduce_aux(auxes, names)) if has_aux else out
 
 
 # --------------------------------------------------------------------------
-# Builders.
+# The step builder under shard_map_step, pmap_step and grouped_step.
 # --------------------------------------------------------------------------
 
 
-def _doc_step(kind: str) -> str:
-    return f"""Returns ``step(params, opt_state, batch, *args, rng=None)`` ({kind}).
+def _build_step(
+    loss_fn: LossFn,
+    tx: optax.GradientTransformation,
+    *,
+    has_aux: bool,
+    group_size: int | None,
+    axis_name: str | None,
+    n_devices: int,
+    compile_body: Callable[[Callable[..., Any]], Callable[..., Any]],
+    shape_batch: Callable[[Any], Any] = lambda batch: batch,
+    kind: str,
+) -> Step:
+    """``step(params, opt_state, batch, *args, rng=None)`` around one compiled body.
+
+    ``compile_body`` maps (``shard_map`` + ``jit``, ``pmap``, or ``jit``) the
+    per-device body over ``axis_name``; ``jax.jit``/``jax.pmap`` cache the
+    compiled program per batch shape, number of extra arguments and presence
+    of ``rng``. The batch sizes are checked here first, so a batch that does
+    not split into devices x groups gets a message with the numbers.
+    """
+    _groups.check_group_size(group_size)
+    names = _axes.axis_names(axis_name)
+
+    def body(params, opt_state, batch, args, rng):
+        return _device_step(
+            loss_fn, tx, has_aux, group_size, names, params, opt_state, batch, args, rng
+        )
+
+    compiled = compile_body(body)
+
+    def step(params, opt_state, batch, *args, rng=None):
+        per_device = _groups.shard_size(batch, n_devices, axis_name)
+        _groups.groups_per_shard(per_device, group_size, n_devices)
+        return compiled(params, opt_state, shape_batch(batch), tuple(args), rng)
+
+    step.__doc__ = f"""Returns ``step(params, opt_state, batch, *args, rng=None)`` ({kind}).
 
     ``loss_fn(params, batch, *args) -> loss`` (or ``(loss, aux)`` with
     ``has_aux=True``) is the mean loss of a batch; ``args`` are replicated
@@ -214,6 +208,7 @@ def _doc_step(kind: str) -> str:
     perturbed point), averaged over groups and devices (non-float leaves:
     their maximum).
     """
+    return step
 
 
 def shard_map_step(
@@ -225,7 +220,7 @@ def shard_map_step(
     group_size: int | None = None,
     has_aux: bool = False,
     donate: bool = False,
-) -> Callable[..., tuple[Any, ...]]:
+) -> Step:
     """A jitted data-parallel SAM step on ``jax.shard_map`` over ``mesh``.
 
     Params, optimizer state and extra ``args`` are replicated; the batch is
@@ -253,44 +248,28 @@ def shard_map_step(
       ValueError: at call time, when the batch does not split into devices x
         groups (the message gives the sizes).
     """
-    _check_group_size(group_size)
     if axis_name not in mesh.axis_names:
         raise ValueError(f"axis_name={axis_name!r} is not an axis of the mesh {mesh.axis_names}.")
-    n_dev = mesh.shape[axis_name]
-    compiled: dict[Any, Callable[..., Any]] = {}
 
-    def build(n_groups: int, n_args: int, with_rng: bool) -> Callable[..., Any]:
-        del with_rng
-
-        def body(params, opt_state, batch, args, rng):
-            return _device_step(
-                loss_fn, tx, has_aux, n_groups, (axis_name,), params, opt_state, batch, args, rng
-            )
-
-        out_specs = (P(), P(), P()) + ((P(),) if has_aux else ())
+    def compile_body(body):
         mapped = jax.shard_map(
             body,
             mesh=mesh,
-            in_specs=(P(), P(), P(axis_name), (P(),) * n_args, P()),
-            out_specs=out_specs,
+            in_specs=(P(), P(), P(axis_name), P(), P()),
+            out_specs=P(),
         )
         return jax.jit(mapped, donate_argnums=(0, 1) if donate else ())
 
-    def step(params, opt_state, batch, *args, rng=None):
-        size = _batch_size(batch)
-        if size % n_dev:
-            raise ValueError(
-                f"batch of {size} examples does not split over the {n_dev} devices of "
-                f"axis {axis_name!r}."
-            )
-        n_groups = _n_groups(size // n_dev, group_size, n_dev)
-        key = (n_groups, len(args), rng is not None)
-        if key not in compiled:
-            compiled[key] = build(*key)
-        return compiled[key](params, opt_state, batch, args, rng)
-
-    step.__doc__ = _doc_step("shard_map")
-    return step
+    return _build_step(
+        loss_fn,
+        tx,
+        has_aux=has_aux,
+        group_size=group_size,
+        axis_name=axis_name,
+        n_devices=mesh.shape[axis_name],
+        compile_body=compile_body,
+        kind="shard_map",
+    )
 
 
 def pmap_step(
@@ -301,7 +280,7 @@ def pmap_step(
     group_size: int | None = None,
     has_aux: bool = False,
     devices: list[Any] | None = None,
-) -> Callable[..., tuple[Any, ...]]:
+) -> Step:
     """The same step under ``jax.pmap`` (params and state in and out unreplicated).
 
     ``tx`` must contain ``sam_optax.sam(axis_name=axis_name)``. The batch's
@@ -320,19 +299,10 @@ def pmap_step(
     Returns:
       ``step(params, opt_state, batch, *args, rng=None)``.
     """
-    _check_group_size(group_size)
     devs = list(devices) if devices is not None else jax.local_devices()
     n_dev = len(devs)
-    compiled: dict[Any, Callable[..., Any]] = {}
 
-    def build(n_groups: int, n_args: int, with_rng: bool) -> Callable[..., Any]:
-        del n_args, with_rng
-
-        def body(params, opt_state, batch, args, rng):
-            return _device_step(
-                loss_fn, tx, has_aux, n_groups, (axis_name,), params, opt_state, batch, args, rng
-            )
-
+    def compile_body(body):
         return jax.pmap(
             body,
             axis_name=axis_name,
@@ -341,19 +311,20 @@ def pmap_step(
             devices=devs,
         )
 
-    def step(params, opt_state, batch, *args, rng=None):
-        size = _batch_size(batch)
-        if size % n_dev:
-            raise ValueError(f"batch of {size} examples does not split over {n_dev} devices.")
-        n_groups = _n_groups(size // n_dev, group_size, n_dev)
-        per_device = jax.tree.map(lambda x: x.reshape(n_dev, size // n_dev, *x.shape[1:]), batch)
-        key = (n_groups, len(args), rng is not None)
-        if key not in compiled:
-            compiled[key] = build(*key)
-        return compiled[key](params, opt_state, per_device, tuple(args), rng)
+    def per_device(batch):
+        return jax.tree.map(lambda x: x.reshape(n_dev, x.shape[0] // n_dev, *x.shape[1:]), batch)
 
-    step.__doc__ = _doc_step("pmap")
-    return step
+    return _build_step(
+        loss_fn,
+        tx,
+        has_aux=has_aux,
+        group_size=group_size,
+        axis_name=axis_name,
+        n_devices=n_dev,
+        compile_body=compile_body,
+        shape_batch=per_device,
+        kind="pmap",
+    )
 
 
 def grouped_step(
@@ -363,7 +334,7 @@ def grouped_step(
     group_size: int | None = None,
     has_aux: bool = False,
     donate: bool = False,
-) -> Callable[..., tuple[Any, ...]]:
+) -> Step:
     """A jitted SAM step on one device, one perturbation per group of ``group_size`` examples.
 
     The batch splits into consecutive groups of m = ``group_size`` examples;
@@ -394,28 +365,16 @@ def grouped_step(
       >>> print(round(float(value), 3))
       4.5
     """
-    _check_group_size(group_size)
-    compiled: dict[Any, Callable[..., Any]] = {}
-
-    def build(n_groups: int, n_args: int, with_rng: bool) -> Callable[..., Any]:
-        del n_args, with_rng
-
-        def body(params, opt_state, batch, args, rng):
-            return _device_step(
-                loss_fn, tx, has_aux, n_groups, (), params, opt_state, batch, args, rng
-            )
-
-        return jax.jit(body, donate_argnums=(0, 1) if donate else ())
-
-    def step(params, opt_state, batch, *args, rng=None):
-        n_groups = _n_groups(_batch_size(batch), group_size, 1)
-        key = (n_groups, len(args), rng is not None)
-        if key not in compiled:
-            compiled[key] = build(*key)
-        return compiled[key](params, opt_state, batch, tuple(args), rng)
-
-    step.__doc__ = _doc_step("one device")
-    return step
+    return _build_step(
+        loss_fn,
+        tx,
+        has_aux=has_aux,
+        group_size=group_size,
+        axis_name=None,
+        n_devices=1,
+        compile_body=lambda body: jax.jit(body, donate_argnums=(0, 1) if donate else ()),
+        kind="one device",
+    )
 
 
 # --------------------------------------------------------------------------
@@ -431,7 +390,7 @@ def shard_batch(batch: Any, mesh: Mesh, axis_name: str = "data") -> Any:
     process order) and gets the global array whose shards live on its devices.
     """
     n_dev = mesh.shape[axis_name]
-    size = _batch_size(batch) * jax.process_count()
+    size = _groups.batch_size(batch) * jax.process_count()
     if size % n_dev:
         raise ValueError(
             f"batch of {size} examples does not split over the {n_dev} devices of "

@@ -1,11 +1,13 @@
 """Shared test problems and the one tree-close helper.
 
-Tolerances (STYLE.md): exact algebra in float64 at rtol 1e-9 unless stated,
-sharded vs single device at 1e-6 (float32) or 1e-9 (float64), convergence ~3e-2.
+Tolerances: exact algebra in float64 at rtol 1e-9 unless a test states
+another, sharded vs single device at 1e-6 (float32) or 1e-9 (float64),
+convergence ~3e-2.
 """
 
 from __future__ import annotations
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,30 +15,25 @@ import numpy as np
 RTOL_EXACT = 1e-9
 
 
-def assert_trees_close(actual, expected, rtol=RTOL_EXACT, atol=0.0, err_msg=""):
-    """Leafwise ``np.testing.assert_allclose`` with the same structure required."""
-    a_leaves, a_def = jax.tree.flatten(actual)
-    e_leaves, e_def = jax.tree.flatten(expected)
-    assert a_def == e_def, f"tree structures differ:\n{a_def}\n{e_def}"
-    for i, (a, e) in enumerate(zip(a_leaves, e_leaves)):
-        np.testing.assert_allclose(
-            np.asarray(a, np.float64),
-            np.asarray(e, np.float64),
-            rtol=rtol,
-            atol=atol,
-            err_msg=f"leaf {i} {err_msg}",
-        )
+def _as_float64(tree):
+    """Numpy float64 leaves (complex128 for complex ones), so bf16 and f32 compare alike."""
+
+    def cast(x):
+        x = np.asarray(x)
+        return x.astype(np.complex128 if np.iscomplexobj(x) else np.float64)
+
+    return jax.tree.map(cast, tree)
+
+
+def assert_trees_close(actual, expected, rtol=RTOL_EXACT, atol=0.0):
+    """Leafwise closeness (chex), the same structure required, compared in float64."""
+    chex.assert_trees_all_close(_as_float64(actual), _as_float64(expected), rtol=rtol, atol=atol)
 
 
 def assert_trees_equal(actual, expected):
-    """Bit-for-bit equality (and equal dtypes) of two trees."""
-    a_leaves, a_def = jax.tree.flatten(actual)
-    e_leaves, e_def = jax.tree.flatten(expected)
-    assert a_def == e_def
-    for a, e in zip(a_leaves, e_leaves):
-        a, e = np.asarray(a), np.asarray(e)
-        assert a.dtype == e.dtype
-        np.testing.assert_array_equal(a, e)
+    """Bit-for-bit equality and equal dtypes of two trees (chex)."""
+    chex.assert_trees_all_equal_dtypes(actual, expected)
+    chex.assert_trees_all_equal(actual, expected)
 
 
 def flat(tree) -> np.ndarray:

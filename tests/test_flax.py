@@ -25,7 +25,7 @@ RHO, LR = 0.1, 0.5
 
 def _sam_reference(loss_with_stats, params, rho=RHO, lr=LR):
     """The paper's step written out: grad at w (keeping the clean pass's
-    statistics), eps = rho g/|g|, grad at w + eps, one SGD step."""
+    statistics), perturbation rho g/|g|, grad at w + perturbation, one SGD step."""
     (_, stats), g = jax.value_and_grad(loss_with_stats, has_aux=True)(params)
     norm = jnp.sqrt(sum(jnp.sum(x**2) for x in jax.tree.leaves(g)))
     perturbed = jax.tree.map(lambda w, d: w + rho * d / norm, params, g)

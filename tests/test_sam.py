@@ -3,6 +3,7 @@
 import itertools
 import math
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -37,8 +38,8 @@ def test_one_step_matches_numpy_p_norm(p):
     with jax.enable_x64(True):
         prob = QuarticProblem(0)
         w = flat(prob.params)
-        eps = np_eps_p(prob.np_grad(w), 0.05, p)
-        expected = w - 0.1 * prob.np_grad(w + eps)
+        pert = np_eps_p(prob.np_grad(w), 0.05, p)
+        expected = w - 0.1 * prob.np_grad(w + pert)
         np.testing.assert_allclose(_one_step(prob, rho=0.05, norm=p, eps=0.0), expected, rtol=1e-12)
 
 
@@ -48,8 +49,8 @@ def test_one_step_matches_numpy_adaptive():
         w = flat(prob.params)
         g = prob.np_grad(w)
         t = np.abs(w) + 0.1
-        eps = 0.5 * t**2 * g / np.linalg.norm(t * g)
-        expected = w - 0.1 * prob.np_grad(w + eps)
+        pert = 0.5 * t**2 * g / np.linalg.norm(t * g)
+        expected = w - 0.1 * prob.np_grad(w + pert)
         got = _one_step(prob, rho=0.5, adaptive=True, eta=0.1, eps=0.0)
         np.testing.assert_allclose(got, expected, rtol=1e-12)
 
@@ -61,22 +62,22 @@ def test_one_step_matches_numpy_mask():
         g = prob.np_grad(w)
         sel = np.zeros_like(w, bool)
         sel[3:] = True  # flat order is (bias[3], w[6]): perturb only "w"
-        eps = np.where(sel, 0.2 * g / np.linalg.norm(g[sel]), 0.0)
-        expected = w - 0.1 * prob.np_grad(w + eps)
+        pert = np.where(sel, 0.2 * g / np.linalg.norm(g[sel]), 0.0)
+        expected = w - 0.1 * prob.np_grad(w + pert)
         got = _one_step(prob, rho=0.2, mask={"bias": False, "w": True}, eps=0.0)
         np.testing.assert_allclose(got, expected, rtol=1e-12)
 
 
 def test_second_order_matches_closed_form():
-    # d/dw L(w + eps(w)) = g(w+eps) + (d eps/dw)^T g(w+eps),
-    # d eps/dw = rho (I/|g| - g g^T/|g|^3) H(w) for p = 2.
+    # d/dw L(w + ε(w)) = g(w+ε) + (dε/dw)^T g(w+ε),
+    # dε/dw = rho (I/|g| - g g^T/|g|^3) H(w) for p = 2.
     with jax.enable_x64(True):
         prob = QuarticProblem(3)
         w = flat(prob.params)
         g = prob.np_grad(w)
         n = np.linalg.norm(g)
-        eps = 0.3 * g / n
-        v = prob.np_grad(w + eps)
+        pert = 0.3 * g / n
+        v = prob.np_grad(w + pert)
         jac = 0.3 * (np.eye(w.size) / n - np.outer(g, g) / n**3) @ prob.np_hess(w)
         expected = w - 0.1 * (v + jac.T @ v)
         got = _one_step(prob, rho=0.3, second_order=True, eps=0.0)
@@ -87,13 +88,13 @@ def test_second_order_matches_closed_form():
     "kwargs", [dict(norm=3.0), dict(adaptive=True, eta=0.05), dict(mask={"bias": False, "w": True})]
 )
 def test_second_order_matches_finite_differences(kwargs):
-    # The exact gradient of w -> L(w + eps_hat(w)), by central differences of
+    # The exact gradient of w -> L(w + perturbation(w)), by central differences of
     # the composite written with numpy (independent of the library).
     with jax.enable_x64(True):
         prob = QuarticProblem(4)
         w0 = flat(prob.params)
 
-        def np_eps(w):
+        def np_perturbation(w):
             g = prob.np_grad(w)
             if kwargs.get("adaptive"):
                 t = np.abs(w) + kwargs["eta"]
@@ -104,7 +105,7 @@ def test_second_order_matches_finite_differences(kwargs):
             return np_eps_p(g, 0.2, kwargs["norm"])
 
         def composite(w):
-            return prob.np_loss(w + np_eps(w))
+            return prob.np_loss(w + np_perturbation(w))
 
         h = 1e-6
         fd = np.array(
@@ -145,13 +146,13 @@ def test_ascent_steps_increase_the_loss_on_a_convex_quadratic():
         g = jax.grad(loss)(w)
         values = []
         for k in (1, 2, 3, 5, 8):
-            # The SAM gradient is grad L(w + eps_k); recover eps_k = A^-1 (g_sam - g).
+            # The SAM gradient is grad L(w + pert_k); recover pert_k = A^-1 (g_sam - g).
             out, _ = sam_optax.sam(0.5, ascent_steps=k).update(
                 g, sam_optax.sam(0.5).init(w), w, value_fn=loss
             )
-            eps_k = jnp.linalg.solve(a, out - g)
-            assert float(jnp.linalg.norm(eps_k)) <= 0.5 * (1 + 1e-9)
-            values.append(float(loss(w + eps_k)))
+            pert_k = jnp.linalg.solve(a, out - g)
+            assert float(jnp.linalg.norm(pert_k)) <= 0.5 * (1 + 1e-9)
+            values.append(float(loss(w + pert_k)))
         assert all(b >= a_ - 1e-12 for a_, b in itertools.pairwise(values)), values
         assert values[-1] > values[0]
 
@@ -258,8 +259,7 @@ def test_zero_gradient_gives_finite_updates(kwargs):
     out, _ = jax.jit(lambda g, s, p: tx.update(g, s, p, value_fn=loss))(
         jax.grad(loss)(params), tx.init(params), params
     )
-    for leaf in jax.tree.leaves(out):
-        assert np.all(np.isfinite(np.asarray(leaf)))
+    chex.assert_tree_all_finite(out)
 
 
 def _nbytes(tree):
@@ -316,6 +316,7 @@ def test_jitted_step_traces_once():
     traces = []
 
     @jax.jit
+    @chex.assert_max_traces(n=1)
     def step(params, state):
         traces.append(1)
         grads = jax.grad(loss)(params)
@@ -345,6 +346,97 @@ def test_bfloat16_params_keep_dtype_and_stay_finite():
     g32 = jax.grad(loss)(p32)
     ref, _ = tx.update(g32, tx.init(p32), p32, value_fn=loss)
     assert_trees_close(updates, ref, rtol=0.1, atol=2e-2)
+
+
+# --------------------------------------------------------------------------
+# Complex params (optax's convention: the caller conjugates jax.grad).
+# --------------------------------------------------------------------------
+
+_C = np.array([1.0, 3.0, 0.5, 2.0])
+_A = np.array([1 + 2j, -0.5 + 0.3j, 2 - 1j, 0.2j])
+
+
+def _complex_loss(z):
+    return jnp.sum(jnp.asarray(_C) * jnp.abs(z - jnp.asarray(_A)) ** 2) + 0.25 * jnp.sum(
+        jnp.abs(z) ** 4
+    )
+
+
+def _np_real_grad(v):
+    """The same loss on R^2n (x then y): the gradient written out in numpy."""
+    n = len(_C)
+    x, y = v[:n], v[n:]
+    r2 = x**2 + y**2
+    return np.concatenate([2 * _C * (x - _A.real) + r2 * x, 2 * _C * (y - _A.imag) + r2 * y])
+
+
+def _run_complex(tx, z, steps):
+    state = tx.init(z)
+
+    @jax.jit
+    def step(z, state):
+        g = optax.tree.conj(jax.grad(_complex_loss)(z))
+        u, state = tx.update(g, state, z, value_fn=_complex_loss)
+        return optax.apply_updates(z, u), state
+
+    for _ in range(steps):
+        z, state = step(z, state)
+    return np.asarray(z)
+
+
+@pytest.mark.parametrize("ascent_steps", [1, 3])
+def test_complex_sam_is_sam_on_the_real_and_imaginary_parts(ascent_steps):
+    # A complex leaf is a pair of real ones: SAM on C^n must be SAM on R^2n,
+    # step for step, and it converges (it used to diverge).
+    with jax.enable_x64(True):
+        rho, lr, n = 0.1, 0.05, len(_C)
+        tx = optax.chain(sam_optax.sam(rho, ascent_steps=ascent_steps, eps=0.0), optax.sgd(lr))
+        got = _run_complex(tx, jnp.zeros(n, jnp.complex128), 200)
+        v = np.zeros(2 * n)
+        for _ in range(200):
+            delta = np_eps_p(_np_real_grad(v), rho, 2.0)
+            for _ in range(ascent_steps - 1):
+                moved = delta + np_eps_p(_np_real_grad(v + delta), rho, 2.0)
+                delta = moved * min(1.0, rho / np.linalg.norm(moved))
+            v = v - lr * _np_real_grad(v + delta)
+        np.testing.assert_allclose(got, v[:n] + 1j * v[n:], rtol=1e-10, atol=1e-12)
+        # ... and it converged: near the minimum found by gradient descent on R^2n.
+        w = np.zeros(2 * n)
+        for _ in range(2000):
+            w = w - lr * _np_real_grad(w)
+        best = float(_complex_loss(jnp.asarray(w[:n] + 1j * w[n:])))
+        assert float(_complex_loss(jnp.asarray(got))) < best + 0.05
+
+
+@pytest.mark.parametrize("kwargs", [dict(norm=3.0), dict(norm=math.inf), dict(adaptive=True)])
+def test_complex_p_norms_and_asam_use_magnitudes(kwargs):
+    # eq. (2) on magnitudes with the phase for the sign:
+    # eps_j = rho phase(u_j) |u_j|^(q-1) / ||u||_q^(q-1); ASAM: rho T^2 u / ||T u||.
+    with jax.enable_x64(True):
+        rho = 0.2
+        z = jnp.asarray(np.array([0.3 - 0.1j, 1.0 + 1.0j, -0.4j, 0.5]))
+        u = np.asarray(optax.tree.conj(jax.grad(_complex_loss)(z)))
+        zn = np.asarray(z)
+        if kwargs.get("adaptive"):
+            t = np.abs(zn) + 0.01
+            pert = rho * t**2 * u / np.sqrt(np.sum(np.abs(t * u) ** 2))
+        elif np.isinf(kwargs["norm"]):
+            pert = rho * u / np.abs(u)
+        else:
+            q = 1.5
+            pert = rho * (u / np.abs(u)) * np.abs(u) ** (q - 1) / np.sum(np.abs(u) ** q) ** (1 / 3)
+        tx = sam_optax.sam(rho, eps=0.0, **kwargs)
+        out, _ = tx.update(jnp.asarray(u), tx.init(z), z, value_fn=_complex_loss)
+        expected = np.conj(np.asarray(jax.grad(_complex_loss)(jnp.asarray(zn + pert))))
+        np.testing.assert_allclose(np.asarray(out), expected, rtol=1e-12)
+
+
+def test_complex_second_order_is_refused_naming_the_leaf():
+    z = {"a": jnp.ones(2), "b": jnp.ones(3, jnp.complex64)}
+    loss = lambda p: jnp.sum(p["a"] ** 2) + jnp.sum(jnp.abs(p["b"]) ** 2)  # noqa: E731
+    tx = sam_optax.sam(0.1, second_order=True)
+    with pytest.raises(TypeError, match=r"leaf 1 has dtype complex64"):
+        tx.update(optax.tree.conj(jax.grad(loss)(z)), tx.init(z), z, value_fn=loss)
 
 
 # --------------------------------------------------------------------------

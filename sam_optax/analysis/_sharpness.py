@@ -10,6 +10,7 @@ import jax.numpy as jnp
 
 from sam_optax._directions import ascent_direction
 from sam_optax._directions import project_to_ball
+from sam_optax._groups import stack_groups
 from sam_optax.analysis._loops import resolve_unroll
 from sam_optax.analysis._loops import scan
 
@@ -54,16 +55,20 @@ def ascent_perturbation(
 
     def step(carry: tuple[Any, Any], _: Any) -> tuple[tuple[Any, Any], None]:
         # The params ride in the carry: traced, not constants of the loop.
-        w, eps = carry
-        moved = jax.tree.map(jnp.add, eps, direction(w, jax.tree.map(jnp.add, w, eps)))
+        w, perturbation = carry
+        moved = jax.tree.map(
+            jnp.add, perturbation, direction(w, jax.tree.map(jnp.add, w, perturbation))
+        )
         return (w, project_to_ball(moved, rho, params=w, **direction_kwargs)), None
 
-    eps = direction(params, params)
+    perturbation = direction(params, params)
     if int(ascent_steps) == 1:
-        return eps
+        return perturbation
     unroll = resolve_unroll(unroll, loss_fn, params)
-    (_, eps), _ = scan(step, (params, eps), None, length=int(ascent_steps) - 1, unroll=unroll)
-    return eps
+    (_, perturbation), _ = scan(
+        step, (params, perturbation), None, length=int(ascent_steps) - 1, unroll=unroll
+    )
+    return perturbation
 
 
 def sharpness(
@@ -86,8 +91,8 @@ def sharpness(
       >>> print(round(float(sharpness(loss, jnp.array([1.0, 1.0]), 0.1)), 4))
       0.4314
     """
-    eps = ascent_perturbation(loss_fn, params, rho, ascent_steps, **direction_kwargs)
-    return loss_fn(jax.tree.map(jnp.add, params, eps)) - loss_fn(params)
+    perturbation = ascent_perturbation(loss_fn, params, rho, ascent_steps, **direction_kwargs)
+    return loss_fn(jax.tree.map(jnp.add, params, perturbation)) - loss_fn(params)
 
 
 def m_sharpness(
@@ -121,13 +126,8 @@ def m_sharpness(
     Returns:
       The mean of the groups' sharpness.
     """
-    sizes = {x.shape[0] for x in jax.tree.leaves(batch)}
-    if len(sizes) != 1:
-        raise ValueError(f"batch leaves must share their leading size, got {sorted(sizes)}.")
-    (n,) = sizes
-    if m < 1 or n % m:
-        raise ValueError(f"m={m} must divide the batch of {n} examples.")
-    groups = jax.tree.map(lambda x: x.reshape(n // m, m, *x.shape[1:]), batch)
+    groups = stack_groups(batch, m)
+    n_groups = jax.tree.leaves(groups)[0].shape[0]
 
     def one(total: jax.Array, group: Any) -> tuple[jax.Array, None]:
         value = sharpness(
@@ -142,4 +142,4 @@ def m_sharpness(
 
     unroll = resolve_unroll(unroll, loss_fn, params, jax.tree.map(lambda g: g[0], groups))
     total, _ = scan(one, jnp.zeros(()), groups, unroll=unroll)
-    return total / (n // m)
+    return total / n_groups

@@ -63,12 +63,3 @@ def plot_spectrum(
     if label:
         ax.legend()
     return ax
-
-
-def plot_eigenvalue_histogram(eigenvalues, *, ax: Any = None, bins: int = 40, **kwargs: Any):
-    """A histogram of eigenvalues (e.g. the Lanczos nodes); returns the axes."""
-    ax = _axes(ax)
-    ax.hist(np.asarray(eigenvalues).ravel(), bins=bins, **kwargs)
-    ax.set_xlabel("eigenvalue")
-    ax.set_ylabel("count")
-    return ax

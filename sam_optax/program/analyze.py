@@ -62,7 +62,7 @@ def analyze_run(
     state = train.restore_final(run_dir)
     params, batch_stats = state["params"], state.get("batch_stats")
     model = models.create_model(config.model, dataset.num_classes, config.dropout)
-    normalize = train._normalizer(dataset)
+    normalize = train.normalizer(dataset)
 
     def loss(p: Any, batch: tuple[jax.Array, jax.Array]) -> jax.Array:
         variables = {"params": p}

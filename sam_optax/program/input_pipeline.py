@@ -9,7 +9,7 @@
   dataset was prepared beforehand (``download=False``).
 
 Images come back as ``uint8`` ``(N, H, W, C)`` arrays (digits as ``float32``
-in [0, 1]) with ``int32`` labels; :func:`normalize` is applied on device.
+in [0, 1]) with ``int32`` labels; normalization (``train.normalizer``) runs on device.
 """
 
 from __future__ import annotations

@@ -60,7 +60,8 @@ def make_optimizer(config: configs.Config, total_steps: int) -> optax.GradientTr
     )
 
 
-def _normalizer(dataset: input_pipeline.Dataset) -> Callable[[jax.Array], jax.Array]:
+def normalizer(dataset: input_pipeline.Dataset) -> Callable[[jax.Array], jax.Array]:
+    """``x -> (x - mean) / std`` per channel with the dataset's statistics, in float32."""
     mean, std = (jnp.asarray(v, jnp.float32)[None, None, None, :] for v in dataset.mean_std)
 
     def normalize(x: jax.Array) -> jax.Array:
@@ -197,7 +198,7 @@ def train_and_evaluate(
     mesh = jax.make_mesh(
         (len(devices),), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=devices
     )
-    normalize = _normalizer(dataset)
+    normalize = normalizer(dataset)
     model = models.create_model(config.model, dataset.num_classes, config.dropout)
     variables = models.init_variables(model, dataset.image_shape, jax.random.key(config.seed))
     tx = make_optimizer(config, total_steps)

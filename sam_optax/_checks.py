@@ -1,0 +1,123 @@
+"""Argument checks shared by the factories and the tree-level functions.
+
+Hyperparameters may arrive traced (``optax.inject_hyperparams`` passes them
+as arrays inside ``jit``): they are validated only when they are concrete
+Python numbers, and never steer Python control flow when they are traced.
+Every message names the argument and what was expected.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+
+def concrete_float(x: Any) -> float | None:
+    """``float(x)`` when ``x`` is a concrete number, ``None`` when it is traced."""
+    try:
+        return float(x)
+    except (TypeError, jax.errors.ConcretizationTypeError):
+        return None
+
+
+def check_norm(norm: Any) -> Any:
+    """Validates the p of eq. (2); returns a float when concrete, the tracer otherwise."""
+    p = concrete_float(norm)
+    if p is None:
+        return norm
+    if math.isnan(p) or p <= 1:
+        raise ValueError(
+            f"norm must be a number > 1 (2 is SAM, float('inf') is the sign "
+            f"direction), got norm={norm!r}."
+        )
+    return p
+
+
+def check_nonnegative(name: str, value: Any) -> None:
+    """``value >= 0`` when it is a concrete number (schedules and tracers pass)."""
+    v = None if callable(value) else concrete_float(value)
+    if v is not None and (math.isnan(v) or v < 0):
+        raise ValueError(f"{name} must be >= 0, got {name}={value!r}.")
+
+
+def check_in_range(name: str, value: Any, low: float, high: float) -> None:
+    """``low <= value <= high`` when ``value`` is a concrete number."""
+    v = None if callable(value) else concrete_float(value)
+    if v is not None and not low <= v <= high:
+        raise ValueError(f"{name} must be in [{low:g}, {high:g}], got {name}={value!r}.")
+
+
+def check_positive_int(name: str, value: Any) -> int | Any:
+    """An integer >= 1 (returned as ``int``), or a tracer passed through."""
+    v = concrete_float(value)
+    if v is None:
+        return value
+    if isinstance(value, bool) or v != int(v) or v < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {name}={value!r}.")
+    return int(v)
+
+
+def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {name}={value!r}.")
+
+
+def check_tree_matches(tree: Any, params: Any, name: str, owner: str = "sam") -> None:
+    """``tree`` has the structure and leaf shapes of ``params``."""
+    leaves, treedef = jax.tree.flatten(tree)
+    p_leaves, p_def = jax.tree.flatten(params)
+    if treedef != p_def:
+        raise ValueError(
+            f"{owner}: {name} must have the tree structure of params; got\n"
+            f"  {name}: {treedef}\n  params: {p_def}"
+        )
+    for i, (g, w) in enumerate(zip(leaves, p_leaves)):
+        if jnp.shape(g) != jnp.shape(w):
+            raise ValueError(
+                f"{owner}: leaf {i} of {name} has shape {jnp.shape(g)} but the "
+                f"matching params leaf has shape {jnp.shape(w)}."
+            )
+
+
+def check_value_fn(value_fn: Any, owner: str = "sam") -> Callable[..., Any]:
+    if value_fn is None:
+        raise TypeError(
+            f"{owner}: update needs the loss closure: call "
+            "tx.update(grads, state, params, value_fn=loss_fn) with "
+            "loss_fn(params) -> scalar."
+        )
+    if not callable(value_fn):
+        raise TypeError(f"{owner}: value_fn must be callable, got {type(value_fn).__name__}.")
+    return value_fn
+
+
+def checked_loss(fn: Callable[..., Any], has_aux: bool, name: str, owner: str = "sam"):
+    """Wraps a loss closure: trace-time checks of what it returns; returns the loss alone."""
+
+    def loss(arg: Any) -> jax.Array:
+        out = fn(arg)
+        if has_aux:
+            if not (isinstance(out, tuple) and len(out) == 2):
+                raise TypeError(
+                    f"{owner}(has_aux=True): {name} must return (loss, aux), "
+                    f"got {type(out).__name__}."
+                )
+            out = out[0]
+        elif isinstance(out, (tuple, list)):
+            raise TypeError(
+                f"{owner}: {name} returned a {type(out).__name__}; it must "
+                "return a scalar loss. If it returns (loss, aux), pass "
+                f"has_aux=True to {owner}."
+            )
+        if jnp.shape(out) != ():
+            raise TypeError(
+                f"{owner}: {name} must return a scalar loss, got an array of shape "
+                f"{jnp.shape(out)}."
+            )
+        return out
+
+    return loss
