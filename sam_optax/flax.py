@@ -39,6 +39,7 @@ __all__ = [
     "linen_train_step",
     "nnx_loss_fn",
     "nnx_train_step",
+    "nnx_value_and_grad",
     "nnx_value_fn",
 ]
 
@@ -46,6 +47,23 @@ __all__ = [
 # --------------------------------------------------------------------------
 # NNX.
 # --------------------------------------------------------------------------
+
+
+def _graph_nodes(args: tuple[Any, ...]) -> tuple[list[Any], Callable[[list[Any]], tuple[Any, ...]]]:
+    """The NNX graph nodes among ``args`` (at any depth of their pytrees), and a rebuild.
+
+    ``rebuild(copies)`` returns ``args`` with each node replaced by its copy.
+    """
+    leaves, treedef = jax.tree.flatten(args, is_leaf=nnx.graph.is_graph_node)
+    where = [i for i, x in enumerate(leaves) if nnx.graph.is_graph_node(x)]
+
+    def rebuild(copies: list[Any]) -> tuple[Any, ...]:
+        new = list(leaves)
+        for i, c in zip(where, copies, strict=True):
+            new[i] = c
+        return jax.tree.unflatten(treedef, new)
+
+    return [leaves[i] for i in where], rebuild
 
 
 def nnx_value_fn(
@@ -57,41 +75,95 @@ def nnx_value_fn(
 ) -> Callable[[Any], Any]:
     """The ``value_fn`` for ``nnx.Optimizer.update(model, grads, value_fn=...)``.
 
-    Call it BEFORE the clean forward/backward pass: it snapshots the model's
-    non-parameter state (BatchNorm statistics, RNG counters) as pure arrays,
-    so the perturbed pass sees the same RNG counters as the clean one (same
-    dropout masks) and runs on a throw-away copy (its BatchNorm statistics
-    are dropped). ``nnx.Optimizer`` hands the params to ``tx.update`` as a
-    pure ``nnx.State``; the closure merges them with the snapshot.
+    Call it BEFORE the clean forward/backward pass (or use
+    :func:`nnx_value_and_grad`, which does): it takes a pure snapshot of the
+    model and of every NNX object among ``args`` (an ``nnx.Rngs`` passed to
+    the loss, as in the Flax examples, another module...), jointly, so shared
+    references stay shared. Each call of the closure works on fresh copies of
+    that snapshot with the params it is given: the perturbed pass draws the
+    same RNG counters as the clean pass (the same dropout masks), runs
+    BatchNorm on a throw-away copy, and mutates nothing the caller holds
+    (inside ``sam``'s ``jax.grad`` that would raise a ``TraceContextError``).
+    ``nnx.Optimizer`` hands the params to ``tx.update`` as an ``nnx.State``;
+    it replaces the copy's params.
 
     Args:
       model: the NNX model.
       loss_fn: ``loss_fn(model, *args) -> loss`` (or ``(loss, aux)``).
-      *args: the batch and any other inputs of ``loss_fn``.
-      wrt: the filter of the differentiated state (``nnx.Optimizer``'s ``wrt``).
+      *args: the batch, an ``nnx.Rngs`` and any other inputs of ``loss_fn``.
+      wrt: accepted for symmetry with ``nnx.Optimizer``; the params passed to
+        the closure decide what is replaced.
       has_aux: ``loss_fn`` returns ``(loss, aux)``; the closure returns the loss.
 
     Returns:
       ``value_fn(params_state) -> loss``.
     """
-    graphdef, _, rest = nnx.split(model, wrt, ...)
-    rest = nnx.as_pure(rest)
+    del wrt  # the params given to the closure say which variables they replace
+    nodes, rebuild = _graph_nodes(args)
+    graphdef, state = nnx.split((model, *nodes))
+    snapshot = nnx.as_pure(state)
 
     def value_fn(params: Any) -> Any:
-        out = loss_fn(nnx.merge(graphdef, nnx.as_pure(params), rest), *args)
+        model_copy, *copies = nnx.merge(graphdef, snapshot)
+        nnx.update(model_copy, nnx.as_pure(params))
+        out = loss_fn(model_copy, *rebuild(copies))
         return out[0] if has_aux else out
 
     return value_fn
+
+
+def nnx_value_and_grad(
+    loss_fn: Callable[..., Any], *, has_aux: bool = False, wrt: Any = nnx.Param
+) -> Callable[..., tuple[Any, Any, Callable[[Any], Any]]]:
+    """``nnx.value_and_grad`` that also returns SAM's closure, taken at the right time.
+
+    ``f(model, *args) -> (out, grads, value_fn)``: the snapshot for
+    :func:`nnx_value_fn` is taken first, then the clean pass runs (updating
+    BatchNorm statistics and advancing the ``nnx.Rngs`` in ``args`` once, as
+    a plain step does). A drop-in for the Flax examples' step::
+
+        (loss, logits), grads, value_fn = sam_flax.nnx_value_and_grad(loss_fn, has_aux=True)(
+            model, batch, rngs
+        )
+        metrics.update(loss=loss, logits=logits, labels=batch["label"])
+        optimizer.update(model, grads, value_fn=value_fn)
+
+    Args:
+      loss_fn: ``loss_fn(model, *args) -> loss`` (or ``(loss, aux)``).
+      has_aux: ``loss_fn`` returns ``(loss, aux)``.
+      wrt: the filter of the differentiated state (``nnx.Optimizer``'s ``wrt``).
+
+    Returns:
+      ``f(model, *args) -> (out, grads, value_fn)``.
+    """
+    grad_fn = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, wrt), has_aux=has_aux)
+
+    def value_and_grad(model: nnx.Module, *args: Any) -> tuple[Any, Any, Callable[[Any], Any]]:
+        value_fn = nnx_value_fn(model, loss_fn, *args, has_aux=has_aux)
+        out, grads = grad_fn(model, *args)
+        return out, grads, value_fn
+
+    return value_and_grad
 
 
 def nnx_train_step(loss_fn: Callable[..., Any], *, has_aux: bool = False) -> Callable[..., Any]:
     """A jit-compiled SAM train step for an ``nnx.Optimizer`` whose ``tx`` contains ``sam``.
 
     ``step(model, optimizer, *args)`` runs the clean pass (updating BatchNorm
-    statistics and RNG counters in place, once), then
-    ``optimizer.update(model, grads, value_fn=...)`` whose perturbed pass runs
-    on a snapshot taken before the clean pass. Returns the loss at ``w`` (and
-    ``aux`` with ``has_aux``).
+    statistics and the RNG counters of the model and of any ``nnx.Rngs`` in
+    ``args`` in place, once), then ``optimizer.update(model, grads,
+    value_fn=...)`` whose perturbed pass runs on a snapshot taken before the
+    clean pass (:func:`nnx_value_and_grad`). Returns the clean pass's output:
+    the loss, or ``(loss, aux)`` with ``has_aux``. To update
+    ``nnx.MultiMetric`` inside the compiled step, call it from your own
+    ``nnx.jit`` function::
+
+        sam_step = sam_flax.nnx_train_step(loss_fn, has_aux=True)
+
+        @nnx.jit
+        def train_step(model, optimizer, metrics, batch, rngs):
+            loss, logits = sam_step(model, optimizer, batch, rngs)
+            metrics.update(loss=loss, logits=logits, labels=batch["label"])
 
     Args:
       loss_fn: ``loss_fn(model, *args) -> loss`` (or ``(loss, aux)``).
@@ -103,11 +175,9 @@ def nnx_train_step(loss_fn: Callable[..., Any], *, has_aux: bool = False) -> Cal
 
     @nnx.jit
     def step(model: nnx.Module, optimizer: nnx.Optimizer, *args: Any) -> Any:
-        value_fn = nnx_value_fn(model, loss_fn, *args, wrt=optimizer.wrt, has_aux=has_aux)
-        grad_fn = nnx.value_and_grad(
-            loss_fn, argnums=nnx.DiffState(0, optimizer.wrt), has_aux=has_aux
+        out, grads, value_fn = nnx_value_and_grad(loss_fn, has_aux=has_aux, wrt=optimizer.wrt)(
+            model, *args
         )
-        out, grads = grad_fn(model, *args)
         optimizer.update(model, grads, value_fn=value_fn)
         return out
 
@@ -131,8 +201,10 @@ def nnx_loss_fn(
     loss_fn: Callable[..., Any],
     *,
     rng_streams: tuple[str, ...] = ("dropout",),
+    pass_rngs: bool = False,
+    has_aux: bool = False,
 ) -> Callable[..., tuple[Any, Any]]:
-    """Adapts an NNX loss to :mod:`sam_optax.parallel` (``has_aux=True``).
+    """Adapts an NNX loss to :mod:`sam_optax.parallel` (``has_aux=True`` there).
 
     With ``graphdef, params, rest = nnx.split(model, nnx.Param, ...)``, the
     returned ``f(params, batch, rest, rng=None) -> (loss, new_rest)`` merges
@@ -140,32 +212,43 @@ def nnx_loss_fn(
     state after that pass (BatchNorm statistics, RNG counters). Used as the
     step builders' loss, ``new_rest`` comes from the clean pass and is
     averaged over groups and devices. With ``rng`` given (the builders fold
-    it per device and group), the streams in ``rng_streams`` are reseeded
-    from it, the same way in both SAM passes; the RNG keys in ``new_rest``
-    stay those of ``rest``.
+    it per device and group), the model's streams in ``rng_streams`` are
+    reseeded from it, the same way in both SAM passes; the RNG keys in
+    ``new_rest`` stay those of ``rest``. With ``pass_rngs=True`` the loss is
+    the Flax examples' ``loss_fn(model, batch, rngs)`` and gets an
+    ``nnx.Rngs`` of those streams built from ``rng`` (``None`` without one).
 
     Args:
       graphdef: from ``nnx.split(model, nnx.Param, ...)``.
-      loss_fn: ``loss_fn(model, batch) -> loss``.
-      rng_streams: the RNG streams to reseed from ``rng``.
+      loss_fn: ``loss_fn(model, batch) -> loss``, or ``loss_fn(model, batch,
+        rngs)`` with ``pass_rngs=True``.
+      rng_streams: the RNG streams made from ``rng``.
+      pass_rngs: pass an ``nnx.Rngs`` to ``loss_fn`` instead of reseeding the model.
+      has_aux: ``loss_fn`` returns ``(loss, aux)``; ``f`` then returns
+        ``(loss, (new_rest, aux))``.
 
     Returns:
       ``f(params, batch, rest, rng=None) -> (loss, new_rest)``.
     """
 
+    def streams(rng: jax.Array) -> dict[str, jax.Array]:
+        return {name: jax.random.fold_in(rng, i) for i, name in enumerate(rng_streams)}
+
     def f(params: Any, batch: Any, rest: Any, rng: jax.Array | None = None) -> tuple[Any, Any]:
         model = nnx.merge(graphdef, params, rest)
         keys = None
-        if rng is not None:
-            keys = nnx.as_pure(nnx.state(model, nnx.RngKey))
-            nnx.reseed(
-                model, **{name: jax.random.fold_in(rng, i) for i, name in enumerate(rng_streams)}
-            )
-        loss = loss_fn(model, batch)
+        if pass_rngs:
+            out = loss_fn(model, batch, None if rng is None else nnx.Rngs(**streams(rng)))
+        else:
+            if rng is not None:
+                keys = nnx.as_pure(nnx.state(model, nnx.RngKey))
+                nnx.reseed(model, **streams(rng))
+            out = loss_fn(model, batch)
+        loss, aux = out if has_aux else (out, None)
         new_rest = nnx.as_pure(nnx.state(model, nnx.Not(nnx.Param)))
         if keys is not None:
             new_rest = nnx.merge_state(new_rest, keys)
-        return loss, new_rest
+        return loss, ((new_rest, aux) if has_aux else new_rest)
 
     return f
 

@@ -146,6 +146,74 @@ def test_nnx_value_fn_merges_pure_state_inside_grad():
 
 
 # --------------------------------------------------------------------------
+# The official NNX example (tests/nnx_example.py): Rngs passed as arguments.
+# --------------------------------------------------------------------------
+
+
+def _example(tx):
+    import nnx_example as ex
+
+    model = ex.ExampleCNN(nnx.Rngs(0))
+    return model, nnx.Optimizer(model, tx, wrt=nnx.Param), ex.make_metrics(), nnx.Rngs(dropout=7)
+
+
+@pytest.mark.parametrize("route", ["value_and_grad", "train_step"])
+def test_official_nnx_example_rho_zero_is_its_plain_step_bit_for_bit(route):
+    import nnx_example as ex
+
+    plain = _example(optax.sgd(0.05, momentum=0.9))
+    sam = _example(optax.chain(sam_optax.sam(0.0), optax.sgd(0.05, momentum=0.9)))
+    sam_step = ex.sam_train_step if route == "value_and_grad" else ex.sam_train_step_builtin
+    for t in range(3):
+        batch = ex.make_batch(t)
+        ex.train_step(*plain[:3], batch, plain[3])
+        sam_step(*sam[:3], batch, sam[3])
+    a, b = ex.state_of(*plain), ex.state_of(*sam)
+    sgd_state, chain_state = a.pop("opt")["opt_state"], b.pop("opt")["opt_state"]
+    assert_trees_equal(b, a)  # params, BatchNorm statistics, metrics, the caller's Rngs
+    assert_trees_equal(chain_state[1], sgd_state)
+    assert int(chain_state[0]["count"]) == 3
+    assert int(b["rngs"]["dropout"]["count"]) == 3 * 2  # two dropout layers, three steps
+
+
+@pytest.mark.parametrize("route", ["value_and_grad", "train_step"])
+def test_official_nnx_example_sam_uses_the_same_dropout_masks_in_both_passes(route):
+    import nnx_example as ex
+
+    rho, lr = 0.1, 0.05
+    batch = ex.make_batch(3)
+    model, optimizer, metrics, rngs = _example(optax.chain(sam_optax.sam(rho), optax.sgd(lr)))
+    # By hand, on copies taken before the step: both passes from the same Rngs state.
+    clean_model, clean_rngs = nnx.clone(model), nnx.clone(rngs)
+    (_, logits), g = nnx.value_and_grad(ex.loss_fn, has_aux=True)(clean_model, batch, clean_rngs)
+    g = nnx.as_pure(g)
+    norm = jnp.sqrt(sum(jnp.sum(x**2) for x in jax.tree.leaves(g)))
+    params = nnx.as_pure(nnx.state(model, nnx.Param))
+    perturbed_model, perturbed_rngs = nnx.clone(model), nnx.clone(rngs)
+    nnx.update(perturbed_model, jax.tree.map(lambda w, d: w + rho * d / norm, params, g))
+    v = nnx.as_pure(
+        nnx.grad(lambda m, r: ex.loss_fn(m, batch, r)[0])(perturbed_model, perturbed_rngs)
+    )
+    expected = jax.tree.map(lambda w, d: w - lr * d, params, v)
+
+    step = ex.sam_train_step if route == "value_and_grad" else ex.sam_train_step_builtin
+    step(model, optimizer, metrics, batch, rngs)
+    assert_trees_close(nnx.as_pure(nnx.state(model, nnx.Param)), expected, rtol=2e-5, atol=1e-6)
+    # BatchNorm statistics and the caller's Rngs: those of the clean pass, advanced once
+    # (jit against eager: equal to float32 rounding).
+    assert_trees_close(
+        nnx.as_pure(nnx.state(model, nnx.BatchStat)),
+        nnx.as_pure(nnx.state(clean_model, nnx.BatchStat)),
+        rtol=1e-5,
+        atol=1e-7,
+    )
+    assert int(rngs.dropout.count[...]) == int(clean_rngs.dropout.count[...]) == 2
+    # The metrics saw the clean pass's logits.
+    expected_accuracy = float(jnp.mean(jnp.argmax(logits, -1) == batch["label"]))
+    assert float(metrics.compute()["accuracy"]) == pytest.approx(expected_accuracy, abs=1e-6)
+
+
+# --------------------------------------------------------------------------
 # Linen.
 # --------------------------------------------------------------------------
 
@@ -351,3 +419,43 @@ def test_nnx_loss_fn_reseeds_dropout_per_device_and_keeps_keys(group_size):
     key_before = jax.random.key_data(rest["drop"]["rngs"]["key"])
     key_after = jax.random.key_data(a[3]["drop"]["rngs"]["key"])
     np.testing.assert_array_equal(np.asarray(key_before), np.asarray(key_after))
+
+
+def test_nnx_loss_fn_passes_rngs_like_the_flax_examples_per_device():
+    # The official example's loss(model, batch, rngs) under the 8-device builder:
+    # each device gets nnx.Rngs from its folded key, the same in both passes.
+    import nnx_example as ex
+
+    batch = ex.make_batch(9, size=32)
+    model = ex.ExampleCNN(nnx.Rngs(0))
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    params, rest = nnx.as_pure(params), nnx.as_pure(rest)
+    mesh = jax.make_mesh((8,), ("data",))
+    tx = optax.chain(sam_optax.sam(RHO, axis_name="data"), optax.sgd(LR))
+    loss = sam_flax.nnx_loss_fn(graphdef, ex.loss_fn, pass_rngs=True, has_aux=True)
+    step = parallel.shard_map_step(loss, tx, mesh, has_aux=True)
+    rng = jax.random.key(5)
+    new_params, _, _, (_, logits) = step(
+        parallel.replicate(params, mesh),
+        parallel.replicate(tx.init(params), mesh),
+        parallel.shard_batch(batch, mesh),
+        parallel.replicate(rest, mesh),
+        rng=rng,
+    )
+    assert logits.shape == (4, 10)  # the clean pass's logits, averaged over devices
+
+    def shard_sam_gradient(d):
+        shard = jax.tree.map(lambda x: x[4 * d : 4 * (d + 1)], batch)
+        key = jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(rng, d), 0), 0)
+
+        def f(p):
+            m = nnx.merge(graphdef, p, rest)
+            return ex.loss_fn(m, shard, nnx.Rngs(dropout=key))[0]
+
+        g = jax.grad(f)(params)
+        norm = jnp.sqrt(sum(jnp.sum(x**2) for x in jax.tree.leaves(g)))
+        return jax.grad(f)(jax.tree.map(lambda w, v: w + RHO * v / norm, params, g))
+
+    v = _mean([shard_sam_gradient(d) for d in range(8)])
+    expected = jax.tree.map(lambda w, d: w - LR * d, params, v)
+    assert_trees_close(new_params, expected, rtol=2e-5, atol=1e-6)

@@ -1,4 +1,4 @@
-"""The README's code runs: its Flax examples, and the core's promise not to import Flax."""
+"""The README's code runs: its Flax and Equinox examples, and the core's promise not to import Flax."""
 
 import re
 import subprocess
@@ -17,8 +17,8 @@ def _example(name: str) -> str:
     return match.group(1)
 
 
-@pytest.mark.parametrize("name", ["flax_nnx", "flax_linen"])
-def test_readme_flax_example_runs_and_learns(name, capsys):
+@pytest.mark.parametrize("name", ["flax_nnx", "flax_linen", "equinox"])
+def test_readme_framework_example_runs_and_learns(name, capsys):
     namespace: dict = {}
     exec(compile(_example(name), f"README:{name}", "exec"), namespace)
     out = capsys.readouterr().out
