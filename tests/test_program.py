@@ -148,7 +148,8 @@ def test_config_flags_override_the_recipe():
     args = cli.build_parser().parse_args(
         ["train", "--config", "wrn28_10-cifar100", "--epochs", "3", "--m", "batch", "--nesterov"]
     )
-    c = cli.config_from_args(args)
+    name, c = cli.config_from_args(args)
+    assert name == "wrn28_10-cifar100"
     assert (c.dataset, c.model, c.rho, c.lr, c.epochs, c.m, c.nesterov) == (
         "cifar100",
         "wrn28_10",
@@ -158,8 +159,9 @@ def test_config_flags_override_the_recipe():
         None,
         True,
     )
-    assert cli.config_from_args(cli.build_parser().parse_args(["train"])) == configs.recipe(
-        "digits-noise"
+    assert cli.config_from_args(cli.build_parser().parse_args(["train"])) == (
+        "digits-noise",
+        configs.recipe("digits-noise"),
     )
 
 
@@ -238,7 +240,16 @@ def test_confidence_interval_is_the_t_interval():
 # Resume: a run killed midway ends with the same parameters.
 # --------------------------------------------------------------------------
 
-RESUME_ARGS = ["train", "--epochs", "12", "--batch-size", "16", "--no-progress"]
+RESUME_ARGS = [
+    "train",
+    "--epochs",
+    "12",
+    "--batch-size",
+    "16",
+    "--checkpoint-every",
+    "30",
+    "--no-progress",
+]
 
 
 def _cli(argv, **kw):

@@ -48,7 +48,7 @@ def analyze_run(
         raise RunDirError(
             f"{run_dir} is not a run directory of `sam-optax train` (no config.json)."
         )
-    config = configs.Config(**json.loads(config_file.read_text()))
+    config = configs.Config.from_dict(json.loads(config_file.read_text()))
     dataset = input_pipeline.load(config.dataset, config.data_dir)
     y = dataset.y_train
     if config.label_noise > 0:

@@ -9,7 +9,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-AUGMENTATIONS = ("none", "basic", "cutout")
+from sam_optax.program.configs import AUGMENTATIONS
+
+__all__ = ["AUGMENTATIONS", "augment", "cutout", "flip_crop"]
 
 
 def flip_crop(x: jax.Array, key: jax.Array, pad: int = 4) -> jax.Array:

@@ -1,26 +1,65 @@
-"""The ``sam-optax`` command line: ``train``, ``compare`` and ``analyze``."""
+"""The ``sam-optax`` command line: ``train``, ``compare`` and ``analyze``.
+
+This module imports nothing beyond the standard library and
+:mod:`sam_optax.program.configs` until a command runs, so that without the
+``program`` extra ``sam-optax`` says which packages are missing and how to
+install them instead of dying with a traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import math
 import shlex
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from sam_optax.program import configs
 from sam_optax.program.errors import DataError
 from sam_optax.program.errors import RunDirError
+from sam_optax.program.errors import TrainingDiverged
 from sam_optax.program.errors import UsageError
 
-DEFAULT = configs.recipe(configs.DEFAULT_RECIPE)
+# Imported by name (module, the package pip installs it from) before a command runs.
+PROGRAM_MODULES = (
+    ("flax", "flax"),
+    ("orbax.checkpoint", "orbax-checkpoint"),
+    ("sklearn", "scikit-learn"),
+    ("scipy", "scipy"),
+    ("matplotlib", "matplotlib"),
+    ("tqdm", "tqdm"),
+)
+INSTALL_HINT = "pip install 'sam-optax[program]'"
+
+
+def missing_program_modules() -> list[str]:
+    """The packages of the ``program`` extra that cannot be imported here."""
+    missing = []
+    for module, package in PROGRAM_MODULES:
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            missing.append(package)
+    return missing
+
+
+# --------------------------------------------------------------------------
+# Flags: one per Config field, each default shown once (it comes from the recipe).
+# --------------------------------------------------------------------------
 
 
 def _m(value: str) -> int | None:
     if value.lower() in ("none", "all", "batch", "0"):
         return None
     return int(value)
+
+
+def _optional_float(value: str) -> float | None:
+    return None if value.lower() in ("none", "off", "0") else float(value)
 
 
 def _floats(value: str) -> list[float]:
@@ -31,228 +70,236 @@ def _ints(value: str) -> list[int]:
     return [int(v) for v in value.split(",") if v.strip()]
 
 
-def _default(name: str) -> str:
-    return f"(default: {getattr(DEFAULT, name)!r} in --config {configs.DEFAULT_RECIPE})"
+def _recipe_defaults(field: str) -> str:
+    """``'40 (digits), 200 (cifar10, cifar100, fashion_mnist)'``: the default of each dataset."""
+    by_value: dict[str, list[str]] = {}
+    for dataset, name in configs.DATASET_RECIPES.items():
+        by_value.setdefault(repr(getattr(configs.recipe(name), field)), []).append(dataset)
+    if len(by_value) == 1:
+        return f"default {next(iter(by_value))}"
+    return "default " + ", ".join(f"{v} ({', '.join(d)})" for v, d in by_value.items())
 
 
-def _add_run_flags(p: argparse.ArgumentParser, command: str) -> None:
-    from sam_optax.program.augment import AUGMENTATIONS
-    from sam_optax.program.input_pipeline import DATASETS
-    from sam_optax.program.models import MODELS
+# (flag, Config field, type or action, what it is); the default is the recipe's.
+RUN_FLAGS: tuple[tuple[str, str, Any, str], ...] = (
+    ("--dataset", "dataset", str, f"one of {', '.join(configs.DATASETS)}; picks its recipe"),
+    ("--data-dir", "data_dir", str, "folder with the dataset files (default: $SAM_OPTAX_DATA or ~/.cache/sam_optax)"),
+    ("--model", "model", str, f"one of {', '.join(configs.MODELS)}"),
+    ("--dropout", "dropout", float, "dropout rate of models that have it"),
+    ("--epochs", "epochs", int, "training epochs"),
+    ("--batch-size", "batch_size", int, "global batch size"),
+    ("--lr", "lr", float, "peak learning rate, cosine decay"),
+    ("--momentum", "momentum", float, "SGD momentum"),
+    ("--nesterov", "nesterov", argparse.BooleanOptionalAction, "Nesterov momentum"),
+    ("--weight-decay", "weight_decay", float, "weight decay"),
+    ("--l2-in-loss", "l2_in_loss", argparse.BooleanOptionalAction, "weight decay as 0.5*wd*|w|^2 in the loss, as the paper's code (else decoupled)"),
+    ("--clip-norm", "clip_norm", _optional_float, "clip the averaged gradient to this global norm ('none': off)"),
+    ("--rho", "rho", float, "SAM radius, 0 for SGD"),
+    ("--norm", "norm", float, "p of the perturbation ball, 'inf' for sign"),
+    ("--adaptive", "adaptive", argparse.BooleanOptionalAction, "ASAM"),
+    ("--m", "m", _m, "examples per perturbation (m-sharpness), 'batch' for the per-device batch"),
+    ("--sync-perturbation", "sync_perturbation", argparse.BooleanOptionalAction, "one perturbation for the whole batch"),
+    ("--label-noise", "label_noise", float, "fraction of training labels flipped"),
+    ("--label-smoothing", "label_smoothing", float, "label smoothing"),
+    ("--augment", "augment", str, f"one of {', '.join(configs.AUGMENTATIONS)}"),
+    ("--seed", "seed", int, "seed of init, data order and noise"),
+)  # fmt: skip
 
-    p.add_argument(
+
+def _add_run_flags(parser: argparse.ArgumentParser, command: str) -> None:
+    parser.add_argument(
         "--config",
-        default=configs.DEFAULT_RECIPE,
-        help=f"a recipe whose values the other flags override; one of {', '.join(configs.RECIPES)} "
-        f"(default: {configs.DEFAULT_RECIPE})",
-    )
-    p.add_argument("--dataset", help=f"one of {', '.join(DATASETS)} {_default('dataset')}")
-    p.add_argument(
-        "--data-dir",
-        help="folder holding the dataset files (cifar-10-batches-bin/, cifar-100-binary/, "
-        "fashion_mnist/*.gz) (default: $SAM_OPTAX_DATA or ~/.cache/sam_optax; digits needs none)",
-    )
-    p.add_argument("--model", help=f"one of {', '.join(MODELS)} {_default('model')}")
-    p.add_argument(
-        "--dropout", type=float, help=f"dropout rate of models that have it {_default('dropout')}"
-    )
-    p.add_argument("--epochs", type=int, help=f"training epochs {_default('epochs')}")
-    p.add_argument("--batch-size", type=int, help=f"global batch size {_default('batch_size')}")
-    p.add_argument("--lr", type=float, help=f"peak learning rate, cosine decay {_default('lr')}")
-    p.add_argument("--momentum", type=float, help=f"SGD momentum {_default('momentum')}")
-    p.add_argument(
-        "--nesterov", action="store_true", default=None, help="Nesterov momentum (default: off)"
-    )
-    p.add_argument("--weight-decay", type=float, help=f"weight decay {_default('weight_decay')}")
-    if command == "compare":
-        p.add_argument(
-            "--rho",
-            type=_floats,
-            help="comma list of rho values, 0 meaning SGD (default: 0 and the config's rho, "
-            f"'0,{DEFAULT.rho:g}' in --config {configs.DEFAULT_RECIPE})",
-        )
-    else:
-        p.add_argument("--rho", type=float, help=f"SAM radius, 0 for SGD {_default('rho')}")
-    p.add_argument(
-        "--norm", type=float, help=f"p of the perturbation ball, 'inf' for sign {_default('norm')}"
-    )
-    p.add_argument("--adaptive", action="store_true", default=None, help="ASAM (default: off)")
-    p.add_argument(
-        "--m",
-        type=_m,
         default=argparse.SUPPRESS,
-        help=f"examples per perturbation (m-sharpness), 'batch' for the per-device batch {_default('m')}",
+        help=f"a recipe whose values the other flags override; one of {', '.join(configs.RECIPES)} "
+        f"(default: the recipe of --dataset, else {configs.DEFAULT_RECIPE})",
     )
-    p.add_argument(
-        "--sync-perturbation",
-        action="store_true",
-        default=None,
-        help="one perturbation for the whole batch (default: off, per device / per group)",
-    )
-    p.add_argument(
-        "--label-noise",
-        type=float,
-        help=f"fraction of training labels flipped {_default('label_noise')}",
-    )
-    p.add_argument(
-        "--label-smoothing", type=float, help=f"label smoothing {_default('label_smoothing')}"
-    )
-    p.add_argument("--augment", help=f"one of {', '.join(AUGMENTATIONS)} {_default('augment')}")
+    for flag, field, kind, text in RUN_FLAGS:
+        if command == "compare" and field in ("rho", "seed"):
+            continue
+        kwargs = {"action": kind} if kind is argparse.BooleanOptionalAction else {"type": kind}
+        default = "" if field == "data_dir" else f" [{_recipe_defaults(field)}]"
+        parser.add_argument(
+            flag, dest=field, default=argparse.SUPPRESS, help=text + default, **kwargs
+        )
     if command == "compare":
-        p.add_argument(
+        parser.add_argument(
+            "--rho",
+            dest="rhos",
+            type=_floats,
+            default=None,
+            help="comma list of rho values, 0 meaning SGD (default: 0 and the recipe's rho)",
+        )
+        parser.add_argument(
             "--seeds", type=_ints, default=[0, 1, 2], help="comma list of seeds (default: 0,1,2)"
         )
-    else:
-        p.add_argument(
-            "--seed", type=int, help=f"seed of init, data order and noise {_default('seed')}"
-        )
-    p.add_argument(
+    parser.add_argument(
         "--out",
         help=f"run directory, never overwritten (default: runs/{command}-DATASET-TIMESTAMP)",
     )
-    p.add_argument(
+    parser.add_argument(
         "--resume", action="store_true", help="continue the run in --out from its last checkpoint"
     )
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=None,
+        metavar="STEPS",
+        help="also checkpoint every STEPS steps within an epoch (default: at epoch ends only)",
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sam-optax",
-        description="Sharpness-Aware Minimization experiments (Foret et al., ICLR 2021).",
+        description="Sharpness-Aware Minimization experiments (Foret et al., ICLR 2021). "
+        "Each run starts from a recipe (--config, or the recipe of --dataset); every flag "
+        "given replaces one of its values.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    p_train = sub.add_parser(
-        "train", help="one training run", formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
-    _add_run_flags(p_train, "train")
-    p_compare = sub.add_parser(
+    _add_run_flags(sub.add_parser("train", help="one training run"), "train")
+    compare = sub.add_parser(
         "compare",
         help="SGD vs SAM over seeds, the paper's table, results.{md,json,png} "
-        "(the default: digits with 40%% label noise, ~4 minutes on 2 CPU cores)",
+        "(the default: digits with 40%% label noise, ~1 minute on 2 CPU cores)",
     )
-    _add_run_flags(p_compare, "compare")
-    p_analyze = sub.add_parser(
+    _add_run_flags(compare, "compare")
+    analyze = sub.add_parser(
         "analyze",
         help="sharpness of a finished run: Hessian top eigenvalues, ascent sharpness, landscapes",
     )
-    p_analyze.add_argument("run_dir", help="a run directory written by `sam-optax train`")
-    p_analyze.add_argument(
+    analyze.add_argument("run_dir", help="a run directory written by `sam-optax train`")
+    analyze.add_argument(
         "--rho", type=float, default=0.05, help="radius of the ascent sharpness (default: 0.05)"
     )
-    p_analyze.add_argument(
+    analyze.add_argument(
         "--examples", type=int, default=512, help="training examples used (default: 512)"
     )
-    p_analyze.add_argument(
+    analyze.add_argument(
         "--iterations", type=int, default=40, help="Lanczos iterations (default: 40)"
     )
-    p_analyze.add_argument("--no-plots", action="store_true", help="numbers only, no PNGs")
+    analyze.add_argument("--no-plots", action="store_true", help="numbers only, no PNGs")  # fmt: skip
     return parser
 
 
-_FIELDS = {
-    "dataset": "dataset",
-    "data_dir": "data_dir",
-    "model": "model",
-    "dropout": "dropout",
-    "epochs": "epochs",
-    "batch_size": "batch_size",
-    "lr": "lr",
-    "momentum": "momentum",
-    "nesterov": "nesterov",
-    "weight_decay": "weight_decay",
-    "norm": "norm",
-    "adaptive": "adaptive",
-    "sync_perturbation": "sync_perturbation",
-    "label_noise": "label_noise",
-    "label_smoothing": "label_smoothing",
-    "augment": "augment",
+def config_from_args(args: argparse.Namespace) -> tuple[str, configs.Config]:
+    """``(base recipe name, resolved Config)`` from parsed flags (absent flags are absent)."""
+    fields = {f for _, f, _, _ in RUN_FLAGS}
+    overrides = {k: v for k, v in vars(args).items() if k in fields}
+    return configs.resolve(getattr(args, "config", None), overrides)
+
+
+# --------------------------------------------------------------------------
+# Commands.
+# --------------------------------------------------------------------------
+
+
+def _out_dir(args: argparse.Namespace, config: configs.Config) -> Path:
+    if args.resume and not args.out:
+        raise UsageError("--resume needs --out (the run directory to continue).")
+    if args.checkpoint_every is not None and args.checkpoint_every < 1:
+        raise UsageError(f"--checkpoint-every must be >= 1, got {args.checkpoint_every}.")
+    if args.out:
+        return Path(args.out)
+    return Path("runs") / f"{args.command}-{config.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def _train(args: argparse.Namespace, command_line: str) -> int:
+    import jax
+
+    name, config = config_from_args(args)
+    configs.validate(config, jax.device_count())
+    out = _out_dir(args, config)
+    from sam_optax.program import train
+
+    print(f"{command_line}\n{configs.describe(name, config)}", flush=True)
+    summary = train.train_and_evaluate(
+        config,
+        out,
+        resume=args.resume,
+        progress=not args.no_progress,
+        checkpoint_every=args.checkpoint_every,
+    )
+    print(
+        f"{summary['optimizer']} rho={config.rho:g}: test accuracy "
+        f"{summary['test_accuracy']:.4f} after {config.epochs} epochs "
+        f"({summary['wall_seconds']:.1f} s); run directory {out}"
+    )
+    return 0
+
+
+def _compare(args: argparse.Namespace, command_line: str) -> int:
+    import jax
+
+    name, config = config_from_args(args)
+    rhos = args.rhos if args.rhos is not None else [0.0, config.rho]
+    if not rhos or any(r < 0 or not math.isfinite(r) for r in rhos):
+        raise UsageError(f"--rho must be a comma list of numbers >= 0, got {rhos}.")
+    if not args.seeds:
+        raise UsageError("--seeds must name at least one seed.")
+    for rho in rhos:
+        configs.validate(config.replace(rho=rho), jax.device_count())
+    out = _out_dir(args, config)
+    from sam_optax.program import compare
+
+    print(f"{command_line}\n{configs.describe(name, config)}", flush=True)
+    results = compare.compare(
+        config,
+        rhos,
+        args.seeds,
+        out,
+        resume=args.resume,
+        progress=not args.no_progress,
+        command=command_line,
+        checkpoint_every=args.checkpoint_every,
+    )
+    print(results["markdown"])
+    print(f"Wrote {out / 'results.md'}, {out / 'results.json'} and {out / 'results.png'}.")
+    return 0
+
+
+def _analyze(args: argparse.Namespace, command_line: str) -> int:
+    del command_line
+    from sam_optax.program import analyze
+
+    analyze.analyze_run(
+        args.run_dir,
+        rho=args.rho,
+        examples=args.examples,
+        plots=not args.no_plots,
+        num_iterations=args.iterations,
+    )
+    return 0
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace, str], int]] = {
+    "train": _train,
+    "compare": _compare,
+    "analyze": _analyze,
 }
 
 
-def config_from_args(args: argparse.Namespace) -> configs.Config:
-    config = configs.recipe(args.config)
-    changes = {
-        field: getattr(args, attr)
-        for attr, field in _FIELDS.items()
-        if getattr(args, attr) is not None
-    }
-    if hasattr(args, "m"):  # --m has no default: absent means "the recipe's"
-        changes["m"] = args.m
-    if args.command == "train":
-        if args.rho is not None:
-            changes["rho"] = args.rho
-        if args.seed is not None:
-            changes["seed"] = args.seed
-    return config.replace(**changes)
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     command_line = "sam-optax " + " ".join(
         shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)
     )
+    missing = missing_program_modules()
+    if missing:
+        print(
+            f"sam-optax: error: the program needs the 'program' extra; missing here: "
+            f"{', '.join(missing)}. Install it with: {INSTALL_HINT}",
+            file=sys.stderr,
+        )
+        return 2
     try:
-        if args.command == "analyze":
-            from sam_optax.program import analyze
-
-            analyze.analyze_run(
-                args.run_dir,
-                rho=args.rho,
-                examples=args.examples,
-                plots=not args.no_plots,
-                num_iterations=args.iterations,
-            )
-            return 0
-        import jax
-
-        config = config_from_args(args)
-        n_devices = jax.local_device_count()
-        out = (
-            Path(args.out)
-            if args.out
-            else Path("runs") / f"{args.command}-{config.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
-        )
-        if args.resume and not args.out:
-            raise UsageError("--resume needs --out (the run directory to continue).")
-        if args.command == "train":
-            configs.validate(config, n_devices)
-            from sam_optax.program import train
-
-            summary = train.train_and_evaluate(
-                config, out, resume=args.resume, progress=not args.no_progress
-            )
-            print(
-                f"{summary['optimizer']} rho={config.rho:g}: test accuracy "
-                f"{summary['test_accuracy']:.4f} after {config.epochs} epochs "
-                f"({summary['wall_seconds']:.1f} s); run directory {out}"
-            )
-            return 0
-        rhos = args.rho if args.rho is not None else [0.0, config.rho]
-        if not rhos or any(r < 0 or not math.isfinite(r) for r in rhos):
-            raise UsageError(f"--rho must be a comma list of numbers >= 0, got {rhos}.")
-        if not args.seeds:
-            raise UsageError("--seeds must name at least one seed.")
-        for rho in rhos:
-            configs.validate(config.replace(rho=rho), n_devices)
-        from sam_optax.program import compare
-
-        results = compare.compare(
-            config,
-            rhos,
-            args.seeds,
-            out,
-            resume=args.resume,
-            progress=not args.no_progress,
-            command=command_line,
-        )
-        print(results["markdown"])
-        print(f"Wrote {out / 'results.md'}, {out / 'results.json'} and {out / 'results.png'}.")
-        return 0
+        return COMMANDS[args.command](args, command_line)
     except (UsageError, DataError, RunDirError) as err:
         print(f"sam-optax: error: {err}", file=sys.stderr)
         return 2
+    except TrainingDiverged as err:
+        print(f"sam-optax: error: {err}", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":

@@ -59,6 +59,7 @@ def compare(
     resume: bool = False,
     progress: bool = True,
     command: str | None = None,
+    checkpoint_every: int | None = None,
 ) -> dict[str, Any]:
     """Runs the grid (or resumes it) and writes results.json, results.md and results.png."""
     out = Path(out)
@@ -92,6 +93,7 @@ def compare(
                 resume=resume and (run_dir / "config.json").is_file(),
                 progress=progress,
                 description=label,
+                checkpoint_every=checkpoint_every,
             )
         summaries.append(summary)
         rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -1,4 +1,7 @@
-"""The errors the command line reports as ``sam-optax: error: ...`` (exit code 2)."""
+"""The errors the command line reports as ``sam-optax: error: ...``.
+
+Usage, data and run-directory errors exit with code 2, a diverged run with 3.
+"""
 
 
 class UsageError(ValueError):
@@ -11,3 +14,7 @@ class DataError(Exception):
 
 class RunDirError(Exception):
     """The run directory cannot be used as asked (exists, or is missing for --resume)."""
+
+
+class TrainingDiverged(Exception):
+    """The training loss became NaN or infinite; the last good checkpoint is kept."""

@@ -22,10 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
+from sam_optax.program.configs import DATASETS
 from sam_optax.program.errors import DataError
 from sam_optax.program.errors import UsageError
-
-DATASETS = ("digits", "cifar10", "cifar100", "fashion_mnist")
 
 _SOURCES = {
     "cifar10": "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz",

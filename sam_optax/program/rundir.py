@@ -1,0 +1,158 @@
+"""The run directory: its files, written safely, and its checkpoints.
+
+::
+
+    config.json       the resolved Config of the run
+    label_noise.json  the flipped training indices (seeded, recorded)
+    metrics.jsonl     one line per epoch (strict JSON: a non-finite number is null)
+    checkpoints/      orbax checkpoints keyed by the number of steps done (the last two)
+    summary.json      written when the run completes
+
+Every JSON file is written whole to a temporary file and renamed into place,
+so a run killed at any moment leaves either the old or the new file, never a
+torn one. With several processes (``jax.distributed``) only process 0 writes
+files; every process takes part in a checkpoint (orbax coordinates them).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import jax
+
+from sam_optax.program.configs import Config
+from sam_optax.program.errors import RunDirError
+
+
+def _finite_or_none(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_none(v) for v in value]
+    return value
+
+
+def to_json(value: Any, indent: int | None = None) -> str:
+    """Strict JSON (``allow_nan=False``): NaN and infinities become ``null``."""
+    return json.dumps(_finite_or_none(value), indent=indent, allow_nan=False)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Writes ``text`` to a temporary file beside ``path``, then renames it over ``path``."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def is_writer() -> bool:
+    """Whether this process writes the run's files (process 0)."""
+    return jax.process_index() == 0
+
+
+class RunDir:
+    """The files of one run directory (see the module docstring)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.config_file = self.path / "config.json"
+        self.metrics_file = self.path / "metrics.jsonl"
+        self.summary_file = self.path / "summary.json"
+        self.noise_file = self.path / "label_noise.json"
+        self.checkpoints = (self.path / "checkpoints").absolute()
+
+    def prepare(self, config: Config, resume: bool) -> None:
+        """Creates the directory, or checks it for ``resume``; never overwrites silently."""
+        if resume:
+            self._check_resumable(config)
+            return
+        if self.path.exists() and any(self.path.iterdir()):
+            raise RunDirError(
+                f"--out {self.path} already exists and is not empty; pass --resume to "
+                "continue that run, or choose another --out."
+            )
+        if is_writer():
+            self.path.mkdir(parents=True, exist_ok=True)
+            self.write_json(self.config_file, config.to_dict())
+
+    def _check_resumable(self, config: Config) -> None:
+        if not self.config_file.is_file():
+            raise RunDirError(f"--resume: {self.path} holds no run to resume (no config.json).")
+        saved = Config.from_dict(json.loads(self.config_file.read_text())).to_dict()
+        current = json.loads(to_json(config.to_dict()))
+        saved = json.loads(to_json(saved))
+        diff = {k: (saved.get(k), v) for k, v in current.items() if saved.get(k) != v}
+        if diff:
+            changes = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
+            raise RunDirError(
+                f"--resume: the settings differ from the run in {self.path} ({changes})."
+            )
+
+    def write_json(self, path: Path, value: Any) -> None:
+        if is_writer():
+            write_atomic(path, to_json(value, indent=2) + "\n")
+
+    def read_metrics(self, up_to_epoch: int) -> list[dict[str, Any]]:
+        """The metrics rows of epochs ``<= up_to_epoch`` (later ones were not checkpointed)."""
+        if not self.metrics_file.is_file():
+            return []
+        rows = [json.loads(line) for line in self.metrics_file.read_text().splitlines() if line]
+        return [r for r in rows if r["epoch"] <= up_to_epoch]
+
+    def write_metrics(self, rows: list[dict[str, Any]]) -> None:
+        """Rewrites ``metrics.jsonl`` whole (atomically) with ``rows``."""
+        if is_writer():
+            write_atomic(self.metrics_file, "".join(to_json(r) + "\n" for r in rows))
+
+
+class Checkpoints:
+    """Orbax checkpoints of the training state, keyed by the number of steps done."""
+
+    def __init__(self, directory: Path, max_to_keep: int = 2):
+        import orbax.checkpoint as ocp
+
+        self._ocp = ocp
+        options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
+        self.manager = ocp.CheckpointManager(directory, options=options)
+
+    def latest(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state: Any) -> None:
+        self.manager.save(step, args=self._ocp.args.StandardSave(state))
+
+    def restore(self, step: int, like: Any) -> Any:
+        template = jax.tree.map(self._ocp.utils.to_shape_dtype_struct, like)
+        return self.manager.restore(step, args=self._ocp.args.StandardRestore(template))
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def restore_final(workdir: str | Path) -> dict[str, Any]:
+    """The last checkpoint of a run (params, batch_stats, opt_state, ...) as host arrays."""
+    import orbax.checkpoint as ocp
+
+    directory = RunDir(workdir).checkpoints
+    manager = ocp.CheckpointManager(directory)
+    latest = manager.latest_step()
+    if latest is None:
+        manager.close()
+        raise RunDirError(f"{workdir} has no checkpoint.")
+    restored = manager.restore(latest, args=ocp.args.StandardRestore())
+    manager.close()
+    return restored
