@@ -1,16 +1,14 @@
 """``sam``: Sharpness-Aware Minimization as an optax transformation.
 
 :func:`sam` validates its arguments and wires the stages of
-:mod:`sam_optax._stages`; :func:`objective_from_args` turns ``tx.update``'s
-extra arguments into the :class:`~sam_optax._stages.Objective` every factory
-of the package works on.
+:mod:`sam_optax._stages` through the shared machinery of
+:mod:`sam_optax._family` (also used by the efficient variants).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from collections.abc import Hashable
-from collections.abc import Sequence
 from typing import Any
 from typing import NamedTuple
 
@@ -20,14 +18,11 @@ import optax
 
 from sam_optax import _axes
 from sam_optax import _checks
-from sam_optax._directions import select
-from sam_optax._stages import Ascent
-from sam_optax._stages import Objective
-from sam_optax._stages import sam_gradient
+from sam_optax import _family
+from sam_optax._family import Diagnostics
+from sam_optax._family import GroupedObjective
 
 __all__ = ["GroupedObjective", "SAMState", "sam"]
-
-DIRECTIONS = ("gradient", "random")
 
 
 class SAMState(NamedTuple):
@@ -36,144 +31,12 @@ class SAMState(NamedTuple):
     Attributes:
       count: number of updates taken (indexes a ``rho`` schedule), int32.
       key: raw ``uint32`` PRNG key data for ``direction='random'``, else ``None``.
+      diagnostics: the last step's :class:`~sam_optax.Diagnostics` (scalars).
     """
 
     count: jax.Array
     key: jax.Array | None
-
-
-class GroupedObjective(NamedTuple):
-    """m-sharpness on one device: several groups, one perturbation each.
-
-    Pass it to ``tx.update(..., grouped_objective=GroupedObjective(...))`` in
-    place of ``value_fn``. With ``G`` groups of the batch, group ``i`` gets its
-    own :math:`\\hat\\epsilon_i` from its own gradient, and the SAM gradient is
-    the mean over groups of :math:`\\nabla L_i(w + \\hat\\epsilon_i)`. All the
-    groups are differentiated in one call of ``value_fn``, each against its own
-    copy of the params, so no batched weights appear (that is what makes it as
-    fast as one plain SAM step; see ``benchmarks/msharpness.py``).
-    :func:`sam_optax.parallel.grouped_step` builds one for you.
-
-    Attributes:
-      value_fn: ``(params_0, ..., params_{G-1}) -> mean_i L_i(params_i)`` (a
-        tuple of G param trees in; a scalar, or ``(scalar, aux)`` with
-        ``has_aux=True``, out).
-      grads: the G gradients ``grads[i] = grad L_i(params)``, each a tree like
-        the params (the ascent directions; computing them is the caller's
-        first pass).
-    """
-
-    value_fn: Callable[[tuple[Any, ...]], Any]
-    grads: Sequence[Any]
-
-
-def objective_from_args(
-    updates: Any,
-    params: Any,
-    value_fn: Callable[[Any], Any] | None,
-    grouped_objective: GroupedObjective | None,
-    has_aux: bool,
-    owner: str = "sam",
-) -> Objective:
-    """The :class:`Objective` of one ``tx.update`` call, its inputs checked.
-
-    Either ``value_fn`` (one group: the incoming ``updates`` are its gradient)
-    or a :class:`GroupedObjective`. Raises a clear error for a missing
-    ``params`` or closure, trees that do not match the params, and (at trace
-    time) a closure that does not return a scalar loss.
-    """
-    if params is None:
-        raise ValueError(
-            f"{owner}: update needs params (tx.update(grads, state, params, value_fn=...))."
-        )
-    _checks.check_tree_matches(updates, params, "updates", owner)
-    if grouped_objective is None:
-        user_fn = _checks.check_value_fn(value_fn, owner)
-        loss = _checks.checked_loss(user_fn, has_aux, "value_fn", owner)
-        return Objective(loss=lambda points: loss(points[0]), grads=[updates])
-    if not isinstance(grouped_objective, GroupedObjective):
-        raise TypeError(f"{owner}: grouped_objective must be a sam_optax.GroupedObjective.")
-    grads = list(grouped_objective.grads)
-    if not grads:
-        raise ValueError(f"{owner}: grouped_objective.grads is empty.")
-    for i, g in enumerate(grads):
-        _checks.check_tree_matches(g, params, f"grouped_objective.grads[{i}]", owner)
-    loss = _checks.checked_loss(
-        grouped_objective.value_fn, has_aux, "grouped_objective.value_fn", owner
-    )
-    return Objective(loss=loss, grads=grads, name="grouped_objective.grads")
-
-
-def check_local_gradients(
-    objective: Objective, sel: Any, axis_name: Any, manual: tuple[Hashable, ...]
-) -> None:
-    """Refuses, inside ``shard_map``, a gradient that is the same on every device.
-
-    A gradient taken with respect to replicated params inside ``shard_map`` is
-    already summed over the devices (the gradient-sum trap): per-device
-    perturbation would silently become a synced one, with an update
-    n_devices times too large.
-    """
-    if not manual or not _axes.vma_checked(manual):
-        return
-    leaves = [jax.tree.leaves(g) for g in objective.grads]
-    for b, g in enumerate(leaves):
-        for i in sel.indices:
-            if not set(manual) <= _axes.varying_axes(g[i]):
-                name = objective.name if len(leaves) == 1 else f"{objective.name}[{b}]"
-                raise ValueError(
-                    f"sam(axis_name={axis_name!r}): the incoming gradient ({name}) "
-                    f"is the same on every device of axis {manual}: it was "
-                    "taken with respect to replicated params, and shard_map "
-                    "has already summed it over the devices. Differentiate "
-                    f"with respect to jax.lax.pcast(params, {manual!r}, "
-                    "to='varying') to keep each device's own gradient, or "
-                    "pass sync_perturbation=True."
-                )
-
-
-def check_no_complex_second_order(params: Any, sel: Any, ascent: Ascent) -> None:
-    if not ascent.second_order:
-        return
-    leaves = jax.tree.leaves(params)
-    for i in sel.indices:
-        if jnp.iscomplexobj(leaves[i]):
-            raise TypeError(
-                f"sam(second_order=True) does not support complex params; leaf {i} "
-                f"has dtype {leaves[i].dtype}. Use second_order=False, or mask that leaf out."
-            )
-
-
-def _validated_ascent(
-    norm: Any,
-    adaptive: bool,
-    eta: Any,
-    ascent_steps: Any,
-    second_order: bool,
-    mask: Any,
-    direction: str,
-    eps: Any,
-) -> Ascent:
-    norm = _checks.check_norm(norm)
-    steps = _checks.check_positive_int("ascent_steps", ascent_steps)
-    _checks.check_nonnegative("eta", eta)
-    _checks.check_nonnegative("eps", eps)
-    _checks.check_choice("direction", direction, DIRECTIONS)
-    if (second_order or direction == "random") and not isinstance(steps, int):
-        raise ValueError(
-            "second_order=True and direction='random' need a concrete "
-            "ascent_steps=1; with optax.inject_hyperparams pass "
-            "static_args=('ascent_steps',)."
-        )
-    if second_order and steps != 1:
-        raise ValueError(
-            f"second_order=True supports ascent_steps=1 only (appendix C.4), got ascent_steps={steps}."
-        )
-    if direction == "random" and (second_order or steps != 1):
-        raise ValueError("direction='random' takes neither second_order=True nor ascent_steps > 1.")
-    if mask is not None and not callable(mask) and not jax.tree.leaves(mask):
-        raise ValueError(f"mask must be a pytree of bools or a callable, got {mask!r}.")
-    return Ascent(norm, adaptive, eta, steps, second_order, mask, direction, eps)
+    diagnostics: Diagnostics
 
 
 def sam(
@@ -206,8 +69,8 @@ def sam(
       g_{\mathrm{SAM}} = \nabla L(w)\big|_{w + \hat\epsilon(w)} \quad \text{(eq. 3)}
 
     so a step costs two gradient evaluations and one base update, and the state
-    holds a step count (and a PRNG key for random directions), never a copy of
-    the params.
+    holds a step count, a few scalar :class:`~sam_optax.Diagnostics` (and a
+    PRNG key for random directions), never a copy of the params.
 
     Variants (all of the paper's, plus ASAM):
 
@@ -252,6 +115,12 @@ def sam(
     gradient at the perturbed point is conjugated the same way
     (``second_order=True`` refuses complex leaves).
 
+    Diagnostics: pass the clean loss too, ``tx.update(grads, state, params,
+    value_fn=loss_fn, value=loss)``, and ``optax.tree.get(state, "sharpness")``
+    is :math:`L(w+\hat\epsilon) - L(w)` of the last step; ``grad_norm``,
+    ``cosine`` (between :math:`g` and :math:`g_{SAM}`) and ``perturbed_loss``
+    are recorded the same way, at no extra pass.
+
     ``optax.inject_hyperparams(sam)(rho=...)`` works as is; ``norm``, ``eta``,
     ``eps`` and ``ascent_steps`` then become traced numbers too, which is
     correct but slower (general-p formula, a while loop for the steps). For the
@@ -279,7 +148,7 @@ def sam(
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose ``update`` is
-      ``update(updates, state, params, *, value_fn, **extra_args)``.
+      ``update(updates, state, params, *, value_fn, value=None, **extra_args)``.
 
     Examples:
       >>> import jax, jax.numpy as jnp, optax
@@ -301,20 +170,26 @@ def sam(
       <https://arxiv.org/abs/2102.11600>`_, 2021.
     """
     _checks.check_nonnegative("rho", rho)
-    ascent = _validated_ascent(
-        norm, adaptive, eta, ascent_steps, second_order, mask, direction, eps
+    options = _family.make_options(
+        norm=norm,
+        adaptive=adaptive,
+        eta=eta,
+        ascent_steps=ascent_steps,
+        second_order=second_order,
+        mask=mask,
+        axis_name=axis_name,
+        sync_perturbation=sync_perturbation,
+        eps=eps,
+        has_aux=has_aux,
+        direction=direction,
+        seed=seed,
     )
-    if sync_perturbation and axis_name is None:
-        raise ValueError("sync_perturbation=True needs axis_name (the axis to average over).")
-    axes = _axes.axis_names(axis_name)
     rho_static = None if callable(rho) else _checks.concrete_float(rho)
 
     def init_fn(params: optax.Params) -> SAMState:
         del params
-        key = None
-        if direction == "random":
-            key = jax.random.key_data(jax.random.key(seed))
-        return SAMState(count=jnp.zeros([], jnp.int32), key=key)
+        key = jax.random.key_data(jax.random.key(seed)) if direction == "random" else None
+        return SAMState(jnp.zeros([], jnp.int32), key, _family.initial_diagnostics())
 
     def update_fn(
         updates: optax.Updates,
@@ -323,36 +198,24 @@ def sam(
         *,
         value_fn: Callable[[Any], Any] | None = None,
         grouped_objective: GroupedObjective | None = None,
+        value: jax.Array | None = None,
         **extra_args: Any,
     ) -> tuple[optax.Updates, SAMState]:
         del extra_args
-        objective = objective_from_args(updates, params, value_fn, grouped_objective, has_aux)
-        _axes.check_bound(axes)
-        new_state = _next_state(state)
-        sel = select(params, ascent.mask, *objective.grads)
-        baseline = _axes.pmean(updates, axes)
-        if rho_static == 0.0 or not sel.indices:
+        call = _family.prepare_call(options, updates, params, value_fn, grouped_objective, value)
+        count, key = optax.safe_increment(state.count), _family.next_key(state.key)
+        if rho_static == 0.0 or not call.sel.indices:
             # Nothing is perturbed: the gradient at w + 0 is the gradient at w.
-            return baseline, new_state
-        check_local_gradients(objective, sel, axis_name, _axes.manual_axes(axes))
-        check_no_complex_second_order(params, sel, ascent)
-        rho_t = rho(state.count) if callable(rho) else rho
-        key = None if state.key is None else jax.random.wrap_key_data(state.key)
-        out, _ = sam_gradient(
-            objective, params, sel, rho_t, ascent, axes=axes, sync=sync_perturbation, key=key
-        )
-        out = _axes.pmean(out, axes)
-        out = [o.astype(u.dtype) for o, u in zip(out, jax.tree.leaves(updates))]
-        out = jax.tree.unflatten(jax.tree.structure(updates), out)
+            diagnostics = _family.measure(call, options, None, None, False)
+            return _axes.pmean(updates, options.axes), SAMState(count, key, diagnostics)
+        rho_t = _family.schedule_value(rho, state.count)
+        wrapped = None if state.key is None else jax.random.wrap_key_data(state.key)
+        local, info = _family.sam_update(call, options, rho_t, wrapped)
+        out = _family.finish(call, options, local)
         if rho_static is None:  # a schedule or a traced rho may be 0 at this step
+            baseline = _axes.pmean(updates, options.axes)
             out = jax.tree.map(lambda b, o: jnp.where(rho_t == 0, b, o), baseline, out)
-        return out, new_state
+        diagnostics = _family.measure(call, options, local, info, True)
+        return out, SAMState(count, key, diagnostics)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
-
-
-def _next_state(state: SAMState) -> SAMState:
-    key = state.key
-    if key is not None:
-        key = jax.random.key_data(jax.random.split(jax.random.wrap_key_data(key))[0])
-    return SAMState(count=optax.safe_increment(state.count), key=key)

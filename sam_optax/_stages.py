@@ -321,6 +321,7 @@ def sam_gradient(
     axes: tuple[Hashable, ...] = (),
     sync: bool = False,
     key: jax.Array | None = None,
+    directions: Sequence[Any] | None = None,
 ) -> tuple[Leaves, Info]:
     r"""The local SAM gradient :math:`\frac1G\sum_i \nabla L_i(w + \hat\epsilon_i)`, all leaves.
 
@@ -329,6 +330,8 @@ def sam_gradient(
     (from the gradient, or random from ``key``), the projected ascent, the
     gradients at the perturbed points and the second-order term. The result
     is in the compute dtype and not yet averaged over ``axes``.
+    ``directions`` (one tree per group) replaces the gradients the first
+    step is taken from (F-SAM's ``g - sigma m``).
     """
     manual = _axes.manual_axes(axes)
     rho = jnp.asarray(rho, jnp.finfo(sel.dtype).dtype)
@@ -340,7 +343,8 @@ def sam_gradient(
             key, sel, like, objective.n_groups, rho, ascent, () if sync else axes
         )
     else:
-        dir_grads = direction_gradients(sel, objective.grads, sync_axes)
+        start = objective.grads if directions is None else directions
+        dir_grads = direction_gradients(sel, start, sync_axes)
         deltas = first_deltas(dir_grads, scale, rho, ascent)
 
     def gradient_at(deltas: list[Leaves]) -> list[Leaves]:

@@ -43,8 +43,8 @@ from jax.sharding import PartitionSpec as P
 
 from sam_optax import _axes
 from sam_optax import _groups
+from sam_optax._family import GroupedObjective
 from sam_optax._groups import split_groups
-from sam_optax._sam import GroupedObjective
 
 __all__ = [
     "grouped_step",
@@ -141,7 +141,7 @@ def _device_step(
 
     local = _axes.as_varying(params, manual)
     (loss, auxes), grads = jax.value_and_grad(objective, has_aux=True)((local,) * n_groups)
-    extra: dict[str, Any] = {"value_fn": lambda p: objective((p,) * n_groups)[0]}
+    extra: dict[str, Any] = {"value_fn": lambda p: objective((p,) * n_groups)[0], "value": loss}
     mean_grad = grads[0]
     if n_groups > 1:
         mean_grad = jax.tree.map(lambda *g: sum(g[1:], g[0]), *grads)

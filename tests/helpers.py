@@ -69,7 +69,7 @@ class QuarticProblem:
         self.params = unflat(rng.normal(size=n), self.like())
 
     def like(self):
-        return {k: jnp.zeros(s, jnp.float64) for k, s in self.shapes.items()}
+        return {k: np.zeros(s) for k, s in self.shapes.items()}
 
     def loss(self, params):
         v = jnp.concatenate([params["bias"].ravel(), params["w"].ravel()])
