@@ -64,6 +64,32 @@ def make_batch(key: jax.Array, batch: int = BATCH) -> tuple[jax.Array, jax.Array
     return jax.random.normal(kx, (batch, 32, 32, 3)), jax.random.randint(ky, (batch,), 0, 10)
 
 
+def init_mlp(key: jax.Array, sizes=(64, 256, 256, 10)) -> dict:
+    """The program's default MLP on digits-sized inputs (64 features)."""
+    keys = jax.random.split(key, len(sizes) - 1)
+    return {
+        f"dense{i}": {
+            "w": jax.random.normal(k, (m, n)) * np.sqrt(2.0 / m),
+            "b": jnp.zeros(n),
+        }
+        for i, (k, m, n) in enumerate(zip(keys, sizes[:-1], sizes[1:]))
+    }
+
+
+def mlp_loss(params: dict, batch: tuple[jax.Array, jax.Array]) -> jax.Array:
+    x, y = batch
+    layers = [params[f"dense{i}"] for i in range(len(params))]
+    for layer in layers[:-1]:
+        x = jax.nn.relu(x @ layer["w"] + layer["b"][None, :])
+    logits = x @ layers[-1]["w"] + layers[-1]["b"][None, :]
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+
+def make_mlp_batch(key: jax.Array, batch: int = 64) -> tuple[jax.Array, jax.Array]:
+    kx, ky = jax.random.split(key)
+    return jax.random.normal(kx, (batch, 64)), jax.random.randint(ky, (batch,), 0, 10)
+
+
 def nbytes(tree) -> int:
     return sum(int(np.asarray(x).nbytes) for x in jax.tree.leaves(tree))
 

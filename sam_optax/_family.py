@@ -93,7 +93,7 @@ class Options:
     ascent: Ascent
     axis_name: Any
     axes: tuple[Hashable, ...]
-    sync: bool
+    sync_axes: tuple[Hashable, ...] | None
     has_aux: bool
     seed: int
 
@@ -107,7 +107,7 @@ def make_options(
     second_order: bool = False,
     mask: Any = None,
     axis_name: Any = None,
-    sync_perturbation: bool = False,
+    sync_perturbation: bool | Hashable | tuple[Hashable, ...] = False,
     eps: Any = 1e-12,
     has_aux: bool = False,
     direction: str = "gradient",
@@ -131,12 +131,37 @@ def make_options(
         )
     if direction == "random" and (second_order or steps != 1):
         raise ValueError("direction='random' takes neither second_order=True nor ascent_steps > 1.")
-    if sync_perturbation and axis_name is None:
-        raise ValueError("sync_perturbation=True needs axis_name (the axis to average over).")
     if mask is not None and not callable(mask) and not jax.tree.leaves(mask):
         raise ValueError(f"mask must be a pytree of bools or a callable, got {mask!r}.")
     ascent = Ascent(norm, adaptive, eta, steps, second_order, mask, direction, eps)
-    return Options(ascent, axis_name, _axes.axis_names(axis_name), sync_perturbation, has_aux, seed)
+    axes = _axes.axis_names(axis_name)
+    return Options(ascent, axis_name, axes, sync_axes(sync_perturbation, axes), has_aux, seed)
+
+
+def sync_axes(sync_perturbation: Any, axes: tuple[Hashable, ...]) -> tuple[Hashable, ...] | None:
+    """The axes the perturbation is shared over: ``None`` (per device), all, or a subset.
+
+    ``True`` syncs over every axis of ``axis_name``; a name or tuple of names
+    (a subset of ``axis_name``) gives one perturbation per group of devices
+    along those axes, the paper's ``inner_group_size``.
+    """
+    if sync_perturbation is False or sync_perturbation is None:
+        return None
+    if not axes:
+        raise ValueError(
+            f"sync_perturbation={sync_perturbation!r} needs axis_name (the axes to "
+            "average the gradient over)."
+        )
+    if sync_perturbation is True:
+        return axes
+    names = _axes.axis_names(sync_perturbation)
+    unknown = [n for n in names if n not in axes]
+    if unknown or not names:
+        raise ValueError(
+            f"sync_perturbation must be a bool or a subset of axis_name={axes!r}, "
+            f"got sync_perturbation={sync_perturbation!r}."
+        )
+    return names
 
 
 # --------------------------------------------------------------------------
@@ -217,7 +242,8 @@ def check_local_gradients(call: Call, options: Options, manual: tuple[Hashable, 
     perturbation would silently become a synced one, with an update
     n_devices times too large.
     """
-    if not manual or options.sync or not _axes.vma_checked(manual):
+    synced = set(options.sync_axes or ())
+    if not manual or synced >= set(manual) or not _axes.vma_checked(manual):
         return
     leaves = [jax.tree.leaves(g) for g in call.objective.grads]
     name = call.objective.name
@@ -265,7 +291,7 @@ def sam_update(
         rho,
         options.ascent,
         axes=options.axes,
-        sync=options.sync,
+        sync_axes=options.sync_axes,
         key=key,
         directions=directions,
     )

@@ -49,7 +49,7 @@ def sam(
     second_order: bool = False,
     mask: Any = None,
     axis_name: Hashable | tuple[Hashable, ...] | None = None,
-    sync_perturbation: bool = False,
+    sync_perturbation: bool | Hashable | tuple[Hashable, ...] = False,
     eps: jax.typing.ArrayLike = 1e-12,
     has_aux: bool = False,
     direction: str = "gradient",
@@ -139,7 +139,11 @@ def sam(
         perturbed and do not enter the norm.
       axis_name: the mapped axis (or tuple of axes) of data parallelism.
       sync_perturbation: average the incoming gradients over ``axis_name``
-        before computing the perturbation (the paper does not).
+        before computing the perturbation (the paper does not); a name or
+        tuple of names among ``axis_name`` averages over those axes only: one
+        perturbation per group of devices (the paper code's
+        ``inner_group_size``, e.g. a ``('data', 'sync')`` mesh with
+        ``sync_perturbation='sync'``).
       eps: added to the gradient's dual norm (zero gradient -> zero
         perturbation, never NaN).
       has_aux: ``value_fn`` returns ``(loss, aux)``; ``aux`` is ignored.

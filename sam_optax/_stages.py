@@ -319,14 +319,16 @@ def sam_gradient(
     ascent: Ascent,
     *,
     axes: tuple[Hashable, ...] = (),
-    sync: bool = False,
+    sync_axes: tuple[Hashable, ...] | None = None,
     key: jax.Array | None = None,
     directions: Sequence[Any] | None = None,
 ) -> tuple[Leaves, Info]:
     r"""The local SAM gradient :math:`\frac1G\sum_i \nabla L_i(w + \hat\epsilon_i)`, all leaves.
 
     Wires the stages above for the selected leaves ``sel`` (at least one):
-    direction gradients (synced over ``axes`` if ``sync``), the first step
+    direction gradients (each group's own, or with ``sync_axes`` their mean
+    over the groups and those axes: one perturbation per group of devices),
+    the first step
     (from the gradient, or random from ``key``), the projected ascent, the
     gradients at the perturbed points and the second-order term. The result
     is in the compute dtype and not yet averaged over ``axes``.
@@ -335,12 +337,17 @@ def sam_gradient(
     """
     manual = _axes.manual_axes(axes)
     rho = jnp.asarray(rho, jnp.finfo(sel.dtype).dtype)
-    sync_axes = axes if sync else None
     scale = ascent_scale(sel, params, ascent)
     if ascent.direction == "random":
         like = sel.take(params)
         deltas = random_deltas(
-            key, sel, like, objective.n_groups, rho, ascent, () if sync else axes
+            key,
+            sel,
+            like,
+            objective.n_groups,
+            rho,
+            ascent,
+            tuple(a for a in axes if a not in (sync_axes or ())),
         )
     else:
         start = objective.grads if directions is None else directions
@@ -356,8 +363,8 @@ def sam_gradient(
     value, group_grads = gradients_at(objective, points)
     out = mean_over_groups(group_grads, sel.dtype)
     if ascent.second_order:
-        if sync:
-            v = [_axes.pmean([out[i] for i in sel.indices], axes)] * objective.n_groups
+        if sync_axes is not None:
+            v = [_axes.pmean([out[i] for i in sel.indices], sync_axes)] * objective.n_groups
         else:
             v = [[g[i].astype(sel.dtype) for i in sel.indices] for g in group_grads]
         term = second_order_term(objective, sel, params, dir_grads, v, rho, ascent, manual)

@@ -29,6 +29,8 @@ SAM gradients are averaged); for a plain data-parallel baseline use
 
 from __future__ import annotations
 
+import functools
+import math
 from collections.abc import Callable
 from collections.abc import Hashable
 from typing import Any
@@ -48,11 +50,13 @@ from sam_optax._groups import split_groups
 
 __all__ = [
     "grouped_step",
+    "place",
     "pmap_step",
     "replicate",
     "shard_batch",
     "shard_map_step",
     "split_groups",
+    "state_specs",
 ]
 
 LossFn = Callable[..., Any]
@@ -216,28 +220,36 @@ def shard_map_step(
     tx: optax.GradientTransformation,
     mesh: Mesh,
     *,
-    axis_name: str = "data",
+    axis_name: str | tuple[str, ...] = "data",
     group_size: int | None = None,
     has_aux: bool = False,
     donate: bool = False,
 ) -> Step:
     """A jitted data-parallel SAM step on ``jax.shard_map`` over ``mesh``.
 
-    Params, optimizer state and extra ``args`` are replicated; the batch is
-    split along its leading axis over ``axis_name`` (use :func:`shard_batch`
-    and :func:`replicate` to place them, one host or many). Each device
-    differentiates its own shard with respect to params made varying (so the
-    gradient is not summed over the devices: the ``shard_map`` trap), ``sam``
-    perturbs with it and averages the SAM gradients; ``tx`` must contain
-    ``sam_optax.sam(axis_name=axis_name)``. ``group_size=m`` splits each
-    device's share into groups of m examples with one perturbation each.
+    The batch is split along its leading axis over ``axis_name`` (a mesh axis,
+    or a tuple of them); params, optimizer state and extra ``args`` are not
+    split along it: replicated (use :func:`shard_batch` and :func:`replicate`
+    to place them, one host or many), or, on a mesh with more axes (``data x
+    model``), sharded over the other axes as they were placed
+    (:func:`place`, :func:`state_specs`): tensor-parallel or FSDP layouts
+    within each data replica. Only the data axes are manual in the
+    ``shard_map``; the others stay automatic, so make them
+    ``AxisType.Auto`` (XLA partitions the model-sharded contractions). Each
+    data replica differentiates its own shard with respect to params made
+    varying (so the gradient is not summed over the replicas: the
+    ``shard_map`` trap), ``sam`` perturbs with it and averages the SAM
+    gradients; ``tx`` must contain ``sam_optax.sam(axis_name=axis_name)``.
+    ``group_size=m`` splits each replica's share into groups of m examples
+    with one perturbation each. Params and state come back with the
+    shardings they went in with.
 
     Args:
       loss_fn: ``loss_fn(params, batch, *args[, rng=key]) -> loss`` or ``(loss, aux)``.
       tx: an optax transformation containing ``sam(axis_name=axis_name)``.
-      mesh: the device mesh; ``axis_name`` must be one of its axes.
-      axis_name: the data axis.
-      group_size: examples per perturbation within a device (None: the whole share).
+      mesh: the device mesh; ``axis_name`` must name its data axes.
+      axis_name: the data axis, or a tuple of data axes.
+      group_size: examples per perturbation within a replica (None: the whole share).
       has_aux: ``loss_fn`` returns ``(loss, aux)``.
       donate: donate params and optimizer state buffers to the step.
 
@@ -248,28 +260,63 @@ def shard_map_step(
       ValueError: at call time, when the batch does not split into devices x
         groups (the message gives the sizes).
     """
-    if axis_name not in mesh.axis_names:
-        raise ValueError(f"axis_name={axis_name!r} is not an axis of the mesh {mesh.axis_names}.")
+    names = _axes.axis_names(axis_name)
+    for name in names:
+        if name not in mesh.axis_names:
+            raise ValueError(f"axis_name={name!r} is not an axis of the mesh {mesh.axis_names}.")
+    data_spec = P(names if len(names) > 1 else names[0])
+    manual = set(names) if len(names) < len(mesh.axis_names) else None
 
     def compile_body(body):
         mapped = jax.shard_map(
             body,
             mesh=mesh,
-            in_specs=(P(), P(), P(axis_name), P(), P()),
+            in_specs=(P(), P(), data_spec, P(), P()),
             out_specs=P(),
+            **({"axis_names": manual} if manual else {}),
         )
-        return jax.jit(mapped, donate_argnums=(0, 1) if donate else ())
+
+        @functools.lru_cache(maxsize=8)
+        def compiled(treedef: Any, shardings: tuple[Any, ...]) -> Callable[..., Any]:
+            # The placement of params and state is not part of the traced types
+            # (the model axes are automatic), so it keys this cache: the step
+            # hands them back with the shardings they came in with.
+            def step(params, opt_state, batch, args, rng):
+                out = mapped(params, opt_state, batch, args, rng)
+                leaves = jax.tree.leaves((out[0], out[1]))
+                kept = [
+                    x if s is None else jax.lax.with_sharding_constraint(x, s)
+                    for x, s in zip(leaves, shardings)
+                ]
+                return (*jax.tree.unflatten(treedef, kept), *out[2:])
+
+            return jax.jit(step, donate_argnums=(0, 1) if donate else ())
+
+        def call(params, opt_state, batch, args, rng):
+            leaves, treedef = jax.tree.flatten((params, opt_state))
+            shardings = tuple(_named_sharding(x, mesh) for x in leaves)
+            return compiled(treedef, shardings)(params, opt_state, batch, args, rng)
+
+        return call
 
     return _build_step(
         loss_fn,
         tx,
         has_aux=has_aux,
         group_size=group_size,
-        axis_name=axis_name,
-        n_devices=mesh.shape[axis_name],
+        axis_name=names if len(names) > 1 else names[0],
+        n_devices=math.prod(mesh.shape[n] for n in names),
         compile_body=compile_body,
         kind="shard_map",
     )
+
+
+def _named_sharding(x: Any, mesh: Mesh) -> NamedSharding | None:
+    """``x``'s sharding when it is a ``NamedSharding`` on ``mesh``, else ``None``."""
+    sharding = getattr(x, "sharding", None)
+    if isinstance(sharding, NamedSharding) and sharding.mesh == mesh:
+        return sharding
+    return None
 
 
 def pmap_step(
@@ -382,32 +429,82 @@ def grouped_step(
 # --------------------------------------------------------------------------
 
 
-def shard_batch(batch: Any, mesh: Mesh, axis_name: str = "data") -> Any:
+def _names_spec(axis_name: str | tuple[str, ...]) -> P:
+    names = _axes.axis_names(axis_name)
+    return P(names if len(names) > 1 else names[0])
+
+
+def shard_batch(batch: Any, mesh: Mesh, axis_name: str | tuple[str, ...] = "data") -> Any:
     """Makes a global batch sharded along ``axis_name`` from this process's part.
 
     With one process the local batch is the global batch. After
     ``jax.distributed.initialize`` each process passes its own slice (in
     process order) and gets the global array whose shards live on its devices.
+    ``axis_name`` may be a tuple of data axes (the batch splits over all).
     """
-    n_dev = mesh.shape[axis_name]
+    n_dev = math.prod(mesh.shape[n] for n in _axes.axis_names(axis_name))
     size = _groups.batch_size(batch) * jax.process_count()
     if size % n_dev:
         raise ValueError(
             f"batch of {size} examples does not split over the {n_dev} devices of "
             f"axis {axis_name!r}."
         )
-    sharding = NamedSharding(mesh, P(axis_name))
-    return jax.tree.map(lambda x: _place(x, sharding), batch)
+    sharding = NamedSharding(mesh, _names_spec(axis_name))
+    return jax.tree.map(lambda x: _place_local(x, sharding), batch)
 
 
 def replicate(tree: Any, mesh: Mesh) -> Any:
     """Places a pytree replicated over ``mesh`` (every process passes the same values)."""
-    sharding = NamedSharding(mesh, P())
-    return jax.tree.map(lambda x: _place(x, sharding), tree)
+    return place(tree, mesh)
 
 
-def _place(x: Any, sharding: NamedSharding) -> jax.Array:
+def place(tree: Any, mesh: Mesh, specs: Any = None) -> Any:
+    """Places a pytree on ``mesh`` with the given ``PartitionSpec``\\s (``None``: replicated).
+
+    ``specs`` is a tree of ``PartitionSpec`` matching ``tree`` (or a prefix
+    of it), e.g. ``{'w1': P(None, 'model'), 'w2': P('model', None)}`` for
+    tensor-parallel layers. Every process passes the full values; each keeps
+    the pieces its devices hold (one host or many).
+    """
+    if specs is None:
+        specs = P()
+    shardings = jax.tree.map(
+        lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, P)
+    )
+    return jax.tree.map(
+        lambda s, sub: jax.tree.map(lambda x: _place_full(x, s), sub), shardings, tree
+    )
+
+
+def state_specs(tx: optax.GradientTransformation, opt_state: Any, param_specs: Any) -> Any:
+    """``PartitionSpec``\\s for an optimizer state: each params-like leaf (momentum,
+    LookSAM's direction, ...) takes its param's spec, everything else is replicated.
+
+    ``param_specs`` is the full tree of specs for the params (one per leaf).
+    Built with ``optax.tree_map_params``.
+    """
+    return optax.tree_map_params(
+        tx,
+        lambda _, spec: spec,
+        opt_state,
+        param_specs,
+        transform_non_params=lambda _: P(),
+        is_leaf=lambda x: isinstance(x, P),
+    )
+
+
+def _place_local(x: Any, sharding: NamedSharding) -> jax.Array:
+    """This process's part of a global array (the batch)."""
     if _is_key(x):  # typed PRNG keys travel as their raw data
-        data = jax.make_array_from_process_local_data(sharding, np.asarray(jax.random.key_data(x)))
+        data = _place_local(jax.random.key_data(x), sharding)
         return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
     return jax.make_array_from_process_local_data(sharding, np.asarray(x))
+
+
+def _place_full(x: Any, sharding: NamedSharding) -> jax.Array:
+    """A global array from the full value every process holds."""
+    if _is_key(x):
+        data = _place_full(jax.random.key_data(x), sharding)
+        return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
+    value = np.asarray(x)
+    return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])

@@ -15,13 +15,14 @@ def _cells(nb):
     return [(c.cell_type, c.source.strip()) for c in nb.cells]
 
 
-def test_there_are_five_notebooks():
+def test_there_are_six_notebooks():
     assert [p.stem for p in SOURCES] == [
         "01_quickstart",
         "02_m_sharpness",
         "03_label_noise",
         "04_sharpness_analysis",
         "05_flax",
+        "06_efficient_sam",
     ]
 
 

@@ -222,3 +222,94 @@ def test_resume_from_a_mid_epoch_checkpoint_ends_identical(tmp_path):
 
 def test_program_model_names_match_the_models():
     assert set(configs.MODELS) == set(models.MODELS)
+
+
+# --------------------------------------------------------------------------
+# The efficient family in the program: diagnostics per epoch, the Pareto comparison.
+# --------------------------------------------------------------------------
+
+
+def test_compare_methods_reports_costs_and_writes_the_pareto_figure(tmp_path, capsys):
+    out = tmp_path / "cmp"
+    argv = ["compare", "--method", "sgd,looksam,msam", "--epochs", "2", "--seeds", "0",
+            "--looksam-every", "3", "--out", str(out), "--no-progress"]  # fmt: skip
+    assert cli.main(argv) == 0, capsys.readouterr().err
+    results = json.loads((out / "results.json").read_text())
+    assert sorted(r["optimizer"] for r in results["runs"]) == ["looksam", "msam", "sgd", "sgd"]
+    rows = {r["method"]: r for r in results["table"]}
+    assert set(rows) == {"SGD", "LookSAM", "MSAM"}
+    assert rows["MSAM"]["gradients_per_step"] == 1.0
+    assert 1.0 < rows["LookSAM"]["gradients_per_step"] < 2.0  # every 3rd step is SAM's
+    assert all(r["cost_vs_sgd"] > 0 for r in rows.values())
+    md = (out / "results.md").read_text()
+    assert "| LookSAM | 0.2 | 8 | 2 |" in md and "gradients / step" in md and "Goal:" in md
+    assert (out / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # The diagnostics, per epoch, from the method's state.
+    metrics = [json.loads(x) for x in (out / "runs" / "looksam-rho0.2-m8-e2-seed0" / "metrics.jsonl").read_text().splitlines()]  # fmt: skip
+    for row in metrics:
+        assert 0 < row["sam_fraction"] < 1 and row["sharpness"] is not None
+        assert -1 <= row["cosine"] <= 1 and row["grad_norm"] > 0
+    sgd = [json.loads(x) for x in (out / "runs" / "sgd-rho0-mall-e2-seed0" / "metrics.jsonl").read_text().splitlines()]  # fmt: skip
+    assert sgd[0]["sharpness"] is None and sgd[0]["sam_fraction"] == 0.0
+
+
+def test_every_method_trains_through_the_program(tmp_path):
+    for method in configs.METHODS:
+        c = configs.recipe("digits-noise").replace(epochs=1, method=method)
+        summary = train.train_and_evaluate(c, tmp_path / method, progress=False)
+        assert summary["method"] == method and summary["test_accuracy"] > 0.3, summary
+
+
+# --------------------------------------------------------------------------
+# Meshes: data x model, and perturbations shared within groups of devices.
+# --------------------------------------------------------------------------
+
+
+def test_train_on_a_data_by_model_mesh_equals_the_data_parallel_run(tmp_path):
+    # m = 8 on 8 replicas of 8, or on 4 replicas of 16 (two groups each): the same
+    # groups of examples, so the same step; the params are sharded over 'model'.
+    c = configs.recipe("digits-noise").replace(epochs=2)
+    train.train_and_evaluate(c, tmp_path / "flat", progress=False)
+    summary = train.train_and_evaluate(
+        c.replace(mesh="data=4,model=2"), tmp_path / "2d", progress=False
+    )
+    a, b = restore_final(tmp_path / "flat"), restore_final(tmp_path / "2d")
+    assert_trees_close(b["params"], a["params"], rtol=2e-5, atol=1e-6)
+    assert summary["devices"] == 8
+    trainer = train.build_trainer(c.replace(mesh="data=4,model=2", epochs=1))
+    w = trainer.state["params"]["Dense_0"]["kernel"]
+    assert w.sharding.spec == jax.sharding.PartitionSpec(None, "model")
+    assert trainer.mesh.shape == {"data": 4, "model": 2}
+
+
+def test_sync_group_shares_one_perturbation_per_group_of_devices(tmp_path):
+    c = configs.recipe("digits-noise").replace(epochs=1, m=None)
+    train.train_and_evaluate(c, tmp_path / "own", progress=False)
+    train.train_and_evaluate(c.replace(sync_group=4), tmp_path / "group", progress=False)
+    a, b = restore_final(tmp_path / "own")["params"], restore_final(tmp_path / "group")["params"]
+    diff = max(
+        float(np.max(np.abs(np.asarray(x) - np.asarray(y))))
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))
+    )
+    assert diff > 1e-4
+    trainer = train.build_trainer(c.replace(sync_group=4))
+    assert trainer.mesh.shape == {"data": 2, "sync": 4, "model": 1}
+
+
+@pytest.mark.parametrize(
+    "flags, match",
+    [
+        (["--mesh", "data=3,model=2"], "needs 6 devices, 8 are here"),
+        (["--mesh", "pipeline=8"], "--mesh must look like 'data=4,model=2'"),
+        (
+            ["--sync-group", "3", "--m", "batch"],
+            "--sync-group 3 does not divide the 8 data replicas",
+        ),
+    ],
+)
+def test_mesh_errors_name_the_flag(flags, match, tmp_path, capsys):
+    assert (
+        cli.main(["train", "--epochs", "1", *flags, "--out", str(tmp_path / "r"), "--no-progress"])
+        == 2
+    )
+    assert match in capsys.readouterr().err

@@ -187,7 +187,7 @@ def test_sam_gradient_wires_the_stages(sync):
         probs, params, objective = _problems(2)
         sel = select(params, MASK)
         out, info = _stages.sam_gradient(
-            objective, params, sel, 0.2, Ascent(eps=0.0), axes=(), sync=sync
+            objective, params, sel, 0.2, Ascent(eps=0.0), sync_axes=() if sync else None
         )
         w = flat(params)
         sel_np = np.arange(9) >= 3

@@ -66,6 +66,10 @@ def _floats(value: str) -> list[float]:
     return [float(v) for v in value.split(",") if v.strip()]
 
 
+def _names(value: str) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
 def _ints(value: str) -> list[int]:
     return [int(v) for v in value.split(",") if v.strip()]
 
@@ -95,6 +99,7 @@ RUN_FLAGS: tuple[tuple[str, str, Any, str], ...] = (
     ("--l2-in-loss", "l2_in_loss", argparse.BooleanOptionalAction, "weight decay as 0.5*wd*|w|^2 in the loss, as the paper's code (else decoupled)"),
     ("--clip-norm", "clip_norm", _optional_float, "clip the averaged gradient to this global norm ('none': off)"),
     ("--rho", "rho", float, "SAM radius, 0 for SGD"),
+    ("--method", "method", str, f"one of {', '.join(configs.METHODS)}"),
     ("--norm", "norm", float, "p of the perturbation ball, 'inf' for sign"),
     ("--adaptive", "adaptive", argparse.BooleanOptionalAction, "ASAM"),
     ("--m", "m", _m, "examples per perturbation (m-sharpness), 'batch' for the per-device batch"),
@@ -103,6 +108,16 @@ RUN_FLAGS: tuple[tuple[str, str, Any, str], ...] = (
     ("--label-smoothing", "label_smoothing", float, "label smoothing"),
     ("--augment", "augment", str, f"one of {', '.join(configs.AUGMENTATIONS)}"),
     ("--seed", "seed", int, "seed of init, data order and noise"),
+    ("--mesh", "mesh", str, "device mesh like 'data=4,model=2': data replicas x params sharded over model"),
+    ("--sync-group", "sync_group", int, "devices sharing one perturbation (the paper's inner_group_size)"),
+    ("--gsam-alpha", "gsam_alpha", float, "GSAM's alpha"),
+    ("--looksam-every", "looksam_every", int, "LookSAM's period k"),
+    ("--looksam-alpha", "looksam_alpha", float, "LookSAM's alpha"),
+    ("--msam-rho", "msam_rho", float, "MSAM's radius (not on SAM's scale)"),
+    ("--rst-probability", "rst_probability", float, "RST's probability of a SAM step"),
+    ("--aesam-threshold", "aesam_threshold", float, "AE-SAM's c, moved linearly from +c to -c"),
+    ("--fsam-sigma", "fsam_sigma", float, "F-SAM's sigma"),
+    ("--fsam-decay", "fsam_decay", float, "F-SAM's running-mean decay"),
 )  # fmt: skip
 
 
@@ -114,7 +129,7 @@ def _add_run_flags(parser: argparse.ArgumentParser, command: str) -> None:
         f"(default: the recipe of --dataset, else {configs.DEFAULT_RECIPE})",
     )
     for flag, field, kind, text in RUN_FLAGS:
-        if command == "compare" and field in ("rho", "seed"):
+        if command == "compare" and field in ("rho", "seed", "method"):
             continue
         kwargs = {"action": kind} if kind is argparse.BooleanOptionalAction else {"type": kind}
         default = "" if field == "data_dir" else f" [{_recipe_defaults(field)}]"
@@ -123,11 +138,20 @@ def _add_run_flags(parser: argparse.ArgumentParser, command: str) -> None:
         )
     if command == "compare":
         parser.add_argument(
+            "--method",
+            dest="methods",
+            type=_names,
+            default=None,
+            help=f"comma list of sgd, {', '.join(configs.METHODS)} "
+            "(default: the recipe's method, and SGD through --rho 0)",
+        )
+        parser.add_argument(
             "--rho",
             dest="rhos",
             type=_floats,
             default=None,
-            help="comma list of rho values, 0 meaning SGD (default: 0 and the recipe's rho)",
+            help="comma list of rho values, 0 meaning SGD (default: 0 and the recipe's rho; "
+            "with --method, the recipe's rho)",
         )
         parser.add_argument(
             "--seeds", type=_ints, default=[0, 1, 2], help="comma list of seeds (default: 0,1,2)"
@@ -147,6 +171,20 @@ def _add_run_flags(parser: argparse.ArgumentParser, command: str) -> None:
         help="also checkpoint every STEPS steps within an epoch (default: at epoch ends only)",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")  # fmt: skip
+    hosts = parser.add_argument_group(
+        "many hosts",
+        "run one process per host with the same flags; each reads its slice of every batch",
+    )
+    hosts.add_argument(
+        "--distributed",
+        action="store_true",
+        help="jax.distributed.initialize() from the cluster's environment (TPU pods, SLURM, ...)",
+    )
+    hosts.add_argument(
+        "--coordinator", metavar="HOST:PORT", help="the coordinator's address (process 0's)"
+    )
+    hosts.add_argument("--num-processes", type=int, help="how many processes take part")
+    hosts.add_argument("--process-id", type=int, help="this process's index, 0 .. num-processes - 1")  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -232,13 +270,12 @@ def _compare(args: argparse.Namespace, command_line: str) -> int:
     import jax
 
     name, config = config_from_args(args)
-    rhos = args.rhos if args.rhos is not None else [0.0, config.rho]
-    if not rhos or any(r < 0 or not math.isfinite(r) for r in rhos):
-        raise UsageError(f"--rho must be a comma list of numbers >= 0, got {rhos}.")
+    methods, rhos = _grid(args, config)
     if not args.seeds:
         raise UsageError("--seeds must name at least one seed.")
-    for rho in rhos:
-        configs.validate(config.replace(rho=rho), jax.device_count())
+    for method in methods or [config.method]:
+        for rho in rhos:
+            configs.validate(config.replace(method=method, rho=rho), jax.device_count())
     out = _out_dir(args, config)
     from sam_optax.program import compare
 
@@ -248,14 +285,37 @@ def _compare(args: argparse.Namespace, command_line: str) -> int:
         rhos,
         args.seeds,
         out,
+        methods=methods,
         resume=args.resume,
         progress=not args.no_progress,
         command=command_line,
         checkpoint_every=args.checkpoint_every,
     )
     print(results["markdown"])
-    print(f"Wrote {out / 'results.md'}, {out / 'results.json'} and {out / 'results.png'}.")
+    print(f"Wrote {out / 'results.md'}, results.json, results.png and pareto.png in {out}.")
     return 0
+
+
+def _grid(args: argparse.Namespace, config: configs.Config) -> tuple[list[str], list[float]]:
+    """``(methods, rhos)`` of a comparison: SGD runs when 0 is among the radii, and
+    every method at every positive radius; ``--method sgd,...`` adds 0."""
+    given = args.methods is not None
+    methods = args.methods if given else [config.method]
+    unknown = [m for m in methods if m != "sgd" and m not in configs.METHODS]
+    if not methods or unknown:
+        raise UsageError(
+            f"--method must be a comma list of sgd, {', '.join(configs.METHODS)}; got {methods}."
+        )
+    default = [config.rho] if given else [0.0, config.rho]
+    rhos = args.rhos if args.rhos is not None else default
+    if not rhos or any(r < 0 or not math.isfinite(r) for r in rhos):
+        raise UsageError(f"--rho must be a comma list of numbers >= 0, got {rhos}.")
+    if "sgd" in methods:
+        rhos = [0.0, *rhos]
+    methods = [m for m in methods if m != "sgd"]
+    if not methods:
+        rhos = [0.0]
+    return methods, sorted(set(rhos))
 
 
 def _analyze(args: argparse.Namespace, command_line: str) -> int:
@@ -279,6 +339,29 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, str], int]] = {
 }
 
 
+def _initialize_distributed(args: argparse.Namespace) -> None:
+    """``jax.distributed.initialize`` before any JAX work, when asked to."""
+    explicit = (args.coordinator, args.num_processes, args.process_id)
+    if not args.distributed and all(v is None for v in explicit):
+        return
+    import jax
+
+    if args.distributed:
+        jax.distributed.initialize()
+        return
+    if any(v is None for v in explicit):
+        raise UsageError("--coordinator, --num-processes and --process-id go together.")
+    if not 0 <= args.process_id < args.num_processes:
+        raise UsageError(
+            f"--process-id must be in [0, {args.num_processes}), got {args.process_id}."
+        )
+    jax.distributed.initialize(
+        coordinator_address=args.coordinator,
+        num_processes=args.num_processes,
+        process_id=args.process_id,
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     command_line = "sam-optax " + " ".join(
@@ -293,6 +376,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     try:
+        if args.command != "analyze":
+            _initialize_distributed(args)
         return COMMANDS[args.command](args, command_line)
     except (UsageError, DataError, RunDirError) as err:
         print(f"sam-optax: error: {err}", file=sys.stderr)

@@ -1,9 +1,12 @@
-"""A grid of runs (SGD and SAM over seeds) and the paper-style report.
+"""A grid of runs (SGD and SAM-family methods over seeds), the paper-style report and the Pareto figure.
 
 The paper's protocol (section 3.1): each SGD configuration is trained for the
 same number of epochs as SAM and for twice as many (SAM costs two gradients a
 step), and the better of the two is reported; every number is a mean over
-independent seeds with its 95% confidence interval.
+independent seeds with its 95% confidence interval. Each method's cost is
+measured in the same comparison: gradient evaluations per step (from the
+methods' own ``sam_step`` diagnostics) and the median wall time of an epoch
+relative to SGD's; ``pareto.png`` plots test accuracy against both.
 """
 
 from __future__ import annotations
@@ -20,18 +23,34 @@ import numpy as np
 from sam_optax.program import configs
 from sam_optax.program import train
 from sam_optax.program.errors import RunDirError
+from sam_optax.program.rundir import to_json
+from sam_optax.program.rundir import write_atomic
+
+LABELS = {
+    "sgd": "SGD",
+    "sam": "SAM",
+    "gsam": "GSAM",
+    "looksam": "LookSAM",
+    "msam": "MSAM",
+    "rst": "RST",
+    "aesam": "AE-SAM",
+    "fsam": "F-SAM",
+}
+# The cost and accuracy goal the efficient methods are measured against.
+GOAL_RETENTION, GOAL_COST = 0.9, 1.25
 
 
-def plan_runs(base: configs.Config, rhos: list[float], seeds: list[int]) -> list[configs.Config]:
-    """The runs of a comparison, SGD (rho = 0) at 1x and 2x the epochs."""
+def plan_runs(
+    base: configs.Config, methods: list[str], rhos: list[float], seeds: list[int]
+) -> list[configs.Config]:
+    """The runs: SGD (rho = 0) at 1x and 2x the epochs, each method at each positive rho."""
     plan = []
     for seed in seeds:
-        for rho in rhos:
-            if rho == 0:
-                for epochs in (base.epochs, 2 * base.epochs):
-                    plan.append(base.replace(rho=0.0, m=None, seed=seed, epochs=epochs))
-            else:
-                plan.append(base.replace(rho=rho, seed=seed))
+        if 0.0 in rhos:
+            for epochs in (base.epochs, 2 * base.epochs):
+                plan.append(base.replace(rho=0.0, m=None, seed=seed, epochs=epochs))
+        for method in methods:
+            plan += [base.replace(method=method, rho=r, seed=seed) for r in rhos if r > 0]
     return plan
 
 
@@ -50,36 +69,45 @@ def confidence_interval(values: list[float], level: float = 0.95) -> float:
     return float(stats.t.ppf(0.5 + level / 2, len(values) - 1)) * sem
 
 
+def _prepare(out: Path, grid: dict[str, Any], resume: bool) -> None:
+    grid_file = out / "compare.json"
+    if resume:
+        if not grid_file.is_file():
+            raise RunDirError(f"--resume: {out} holds no comparison to resume (no compare.json).")
+        if json.loads(grid_file.read_text()) != json.loads(to_json(grid)):
+            raise RunDirError(f"--resume: the settings differ from the comparison in {out}.")
+        return
+    if out.exists() and any(out.iterdir()):
+        raise RunDirError(
+            f"--out {out} already exists and is not empty; pass --resume to continue "
+            "that comparison, or choose another --out."
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    write_atomic(grid_file, to_json(grid, indent=2) + "\n")
+
+
 def compare(
     base: configs.Config,
     rhos: list[float],
     seeds: list[int],
     out: str | Path,
     *,
+    methods: list[str] | None = None,
     resume: bool = False,
     progress: bool = True,
     command: str | None = None,
     checkpoint_every: int | None = None,
 ) -> dict[str, Any]:
-    """Runs the grid (or resumes it) and writes results.json, results.md and results.png."""
-    out = Path(out)
-    grid = {"base": base.to_dict(), "rhos": rhos, "seeds": seeds}
-    grid_file = out / "compare.json"
-    if resume:
-        if not grid_file.is_file():
-            raise RunDirError(f"--resume: {out} holds no comparison to resume (no compare.json).")
-        if json.loads(grid_file.read_text()) != json.loads(json.dumps(grid)):
-            raise RunDirError(f"--resume: the settings differ from the comparison in {out}.")
-    else:
-        if out.exists() and any(out.iterdir()):
-            raise RunDirError(
-                f"--out {out} already exists and is not empty; pass --resume to continue "
-                "that comparison, or choose another --out."
-            )
-        out.mkdir(parents=True, exist_ok=True)
-        grid_file.write_text(json.dumps(grid, indent=2) + "\n")
+    """Runs the grid (or resumes it) and writes results.{json,md,png} and pareto.png.
 
-    plan = plan_runs(base, rhos, seeds)
+    SGD runs where 0 is among ``rhos``; each of ``methods`` (default: the
+    base's method) at every positive radius.
+    """
+    out = Path(out)
+    methods = [base.method] if methods is None else methods
+    grid = {"base": base.to_dict(), "methods": methods, "rhos": rhos, "seeds": seeds}
+    _prepare(out, grid, resume)
+    plan = plan_runs(base, methods, rhos, seeds)
     summaries, curves = [], defaultdict(list)
     for i, config in enumerate(plan, 1):
         run_dir = out / "runs" / run_name(config)
@@ -97,17 +125,17 @@ def compare(
             )
         summaries.append(summary)
         rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-        curves[_key(config)].append([r["test_accuracy"] for r in rows])
+        curves[_key(config)].append(rows)
         if progress:
             print(
                 f"{label}: test accuracy {summary['test_accuracy']:.4f} ({summary['wall_seconds']:.1f} s)",
                 file=sys.stderr,
             )
-
-    results = _report(base, plan, summaries, command)
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    (out / "results.md").write_text(results["markdown"])
-    _plot(out / "results.png", base, curves, results)
+    results = report(base, plan, summaries, command)
+    write_atomic(out / "results.json", to_json(results, indent=2) + "\n")
+    write_atomic(out / "results.md", results["markdown"])
+    _plot_curves(out / "results.png", base, curves)
+    _plot_pareto(out / "pareto.png", base, results)
     return results
 
 
@@ -115,20 +143,28 @@ def _key(c: configs.Config) -> tuple:
     return (c.optimizer, c.rho, c.m, c.epochs)
 
 
-def _report(base, plan, summaries, command) -> dict[str, Any]:
-    groups: dict[tuple, list[float]] = defaultdict(list)
+# --------------------------------------------------------------------------
+# The report.
+# --------------------------------------------------------------------------
+
+
+def _rows(plan, summaries) -> list[dict[str, Any]]:
+    """One row per configuration (over seeds): accuracy, its interval, the measured costs."""
+    groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
     for c, s in zip(plan, summaries, strict=True):
-        groups[_key(c)].append(s["test_accuracy"])
-    sgd = {k: v for k, v in groups.items() if k[0] == "sgd"}
-    best_sgd = max(sgd, key=lambda k: np.mean(sgd[k])) if sgd else None
-    table = []
-    for key, values in groups.items():
-        if key[0] == "sgd" and key != best_sgd:
-            continue
-        optimizer, rho, m, epochs = key
-        table.append(
+        groups[_key(c)].append(s)
+    sgd_seconds = np.median(
+        [s["median_epoch_seconds"] for c, s in zip(plan, summaries) if c.optimizer == "sgd"]
+        or [math.nan]
+    )
+    rows = []
+    for (optimizer, rho, m, epochs), runs in groups.items():
+        values = [s["test_accuracy"] for s in runs]
+        seconds = float(np.median([s["median_epoch_seconds"] for s in runs]))
+        rows.append(
             {
-                "method": "SGD" if optimizer == "sgd" else "SAM",
+                "method": LABELS[optimizer],
+                "optimizer": optimizer,
                 "rho": rho,
                 "m": m,
                 "epochs": epochs,
@@ -136,96 +172,147 @@ def _report(base, plan, summaries, command) -> dict[str, Any]:
                 "mean": float(np.mean(values)),
                 "ci95": confidence_interval(values),
                 "values": values,
+                "gradients_per_step": float(np.mean([s["gradients_per_step"] for s in runs])),
+                "epoch_seconds": seconds,
+                "cost_vs_sgd": seconds / sgd_seconds,
             }
         )
+    return rows
 
-    def epoch_cost(optimizer: str) -> float:
-        return float(
-            np.median(
-                [s["median_epoch_seconds"] for s in summaries if s["optimizer"] == optimizer]
-                or [math.nan]
-            )
+
+def _best_sgd(rows):
+    sgd = [r for r in rows if r["optimizer"] == "sgd"]
+    return max(sgd, key=lambda r: r["mean"]) if sgd else None
+
+
+def _retention(rows) -> None:
+    """Adds each method's share of SAM's accuracy gain over the best SGD (where both ran)."""
+    sgd = _best_sgd(rows)
+    sam = [r for r in rows if r["optimizer"] == "sam"]
+    gain = None if sgd is None or not sam else max(r["mean"] for r in sam) - sgd["mean"]
+    for r in rows:
+        keep = gain is not None and gain > 0 and r["optimizer"] != "sgd"
+        r["gain_retained"] = (r["mean"] - sgd["mean"]) / gain if keep else None
+        r["meets_goal"] = bool(
+            keep and r["gain_retained"] >= GOAL_RETENTION and r["cost_vs_sgd"] <= GOAL_COST
         )
 
-    timing = {
-        "sgd_median_epoch_seconds": epoch_cost("sgd"),
-        "sam_median_epoch_seconds": epoch_cost("sam"),
-    }
-    timing["sam_over_sgd_epoch_cost"] = (
-        timing["sam_median_epoch_seconds"] / timing["sgd_median_epoch_seconds"]
-    )
 
-    noise = f"{base.label_noise:.0%} of the training labels flipped, " if base.label_noise else ""
-    lines = [
-        f"# SAM vs SGD: {base.dataset}, {base.model}",
-        "",
-        f"{noise}batch {base.batch_size}, lr {base.lr:g} (cosine), momentum {base.momentum:g}, "
-        f"weight decay {base.weight_decay:g}, augmentation {base.augment}; "
-        f"{len(set(s['seed'] for s in summaries))} seeds.",
-        "",
-        "| method | ρ | m | epochs | test accuracy (%) |",
-        "|---|---:|---:|---:|---:|",
-    ]
-    for row in table:
-        ci = "n/a" if math.isnan(row["ci95"]) else f"{100 * row['ci95']:.1f}"
-        m = "-" if row["method"] == "SGD" else ("batch" if row["m"] is None else str(row["m"]))
-        lines.append(
-            f"| {row['method']} | {row['rho']:g} | {m} | {row['epochs']} | "
-            f"{100 * row['mean']:.1f} ± {ci} |"
-        )
-    lines += [
-        "",
-        "Mean over seeds ± half-width of the 95% t-interval. SGD is trained for the "
-        "same number of epochs as SAM and for twice as many; the better is reported "
-        "(the paper's protocol). All SGD rows:",
-        "",
-    ]
-    for key, values in sgd.items():
-        lines.append(
-            f"- SGD {key[3]} epochs: {100 * np.mean(values):.1f} ± {100 * confidence_interval(values):.1f}"
-        )
-    lines += [
-        "",
-        f"Per-epoch cost of SAM relative to SGD in this run: {timing['sam_over_sgd_epoch_cost']:.2f}x "
-        f"(median epoch {timing['sam_median_epoch_seconds']:.3f} s vs {timing['sgd_median_epoch_seconds']:.3f} s).",
-    ]
-    if command:
-        lines += ["", f"Command: `{command}`"]
+def report(base, plan, summaries, command) -> dict[str, Any]:
+    rows = _rows(plan, summaries)
+    _retention(rows)
+    best = _best_sgd(rows)
+    table = [r for r in rows if r["optimizer"] != "sgd" or r is best]
+    timing = {f"{r['optimizer']}_epoch_seconds": r["epoch_seconds"] for r in rows}
     return {
         "command": command,
         "config": base.to_dict(),
         "runs": summaries,
         "table": table,
+        "all_rows": rows,
         "timing": timing,
-        "markdown": "\n".join(lines) + "\n",
+        "markdown": _markdown(base, rows, table, summaries, command),
     }
 
 
-def _plot(path: Path, base, curves, results) -> None:
-    # A bare Figure: no pyplot, so no backend is switched in the caller's
-    # process (a notebook keeps its inline plots).
+def _fmt_ci(value: float) -> str:
+    return "n/a" if math.isnan(value) else f"{100 * value:.1f}"
+
+
+def _markdown(base, rows, table, summaries, command) -> str:
+    noise = f"{base.label_noise:.0%} of the training labels flipped, " if base.label_noise else ""
+    lines = [
+        f"# SGD and the SAM family: {base.dataset}, {base.model}",
+        "",
+        f"{noise}batch {base.batch_size}, lr {base.lr:g} (cosine), momentum {base.momentum:g}, "
+        f"weight decay {base.weight_decay:g}, augmentation {base.augment}; "
+        f"{len({s['seed'] for s in summaries})} seeds.",
+        "",
+        "| method | ρ | m | epochs | test accuracy (%) | gradients / step | epoch time / SGD | SAM gain kept |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in table:
+        m = "-" if r["optimizer"] == "sgd" else ("batch" if r["m"] is None else str(r["m"]))
+        kept = "-" if r.get("gain_retained") is None else f"{100 * r['gain_retained']:.0f}%"
+        lines.append(
+            f"| {r['method']} | {r['rho']:g} | {m} | {r['epochs']} | "
+            f"{100 * r['mean']:.1f} ± {_fmt_ci(r['ci95'])} | {r['gradients_per_step']:.2f} | "
+            f"{'-' if math.isnan(r['cost_vs_sgd']) else format(r['cost_vs_sgd'], '.2f')} | {kept} |"
+        )
+    lines += [
+        "",
+        "Mean over seeds ± half-width of the 95% t-interval. SGD is trained for the "
+        "same number of epochs as the others and for twice as many; the better is "
+        "reported (the paper's protocol). Costs measured in this comparison. All SGD rows:",
+        "",
+    ]
+    for r in rows:
+        if r["optimizer"] == "sgd":
+            lines.append(
+                f"- SGD {r['epochs']} epochs: {100 * r['mean']:.1f} ± {_fmt_ci(r['ci95'])}"
+            )
+    met = [r["method"] for r in table if r.get("meets_goal")]
+    lines += [
+        "",
+        f"Goal: keep at least {GOAL_RETENTION:.0%} of SAM's accuracy gain over SGD at no more "
+        f"than {GOAL_COST:g}x SGD's epoch time. Met by: {', '.join(met) if met else 'none'}.",
+    ]
+    if command:
+        lines += ["", f"Command: `{command}`"]
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------
+# Figures (bare matplotlib Figures: no pyplot, no backend switched in the caller).
+# --------------------------------------------------------------------------
+
+
+def _label(optimizer: str, rho: float, m, epochs: int) -> str:
+    if optimizer == "sgd":
+        return f"SGD, {epochs} epochs"
+    return f"{LABELS[optimizer]} ρ={rho:g}, m={'batch' if m is None else m}"
+
+
+def _plot_curves(path: Path, base, curves) -> None:
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(7, 4.2))
     ax = fig.subplots()
-    for (optimizer, rho, m, epochs), runs in sorted(
-        curves.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][3])
-    ):
-        acc = 100 * np.asarray(runs)
+    for (optimizer, rho, m, epochs), runs in sorted(curves.items(), key=lambda kv: str(kv[0])):
+        acc = 100 * np.asarray([[r["test_accuracy"] for r in rows] for rows in runs])
         mean, std = acc.mean(0), acc.std(0)
         x = np.arange(1, len(mean) + 1)
-        label = (
-            f"SGD, {epochs} epochs"
-            if optimizer == "sgd"
-            else f"SAM ρ={rho:g}, m={'batch' if m is None else m}"
-        )
-        line = ax.plot(x, mean, label=label, linestyle="--" if optimizer == "sgd" else "-")[0]
-        ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.2)
+        style = "--" if optimizer == "sgd" else "-"
+        line = ax.plot(x, mean, style, label=_label(optimizer, rho, m, epochs))[0]
+        ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.15)
     noise = f", {base.label_noise:.0%} label noise" if base.label_noise else ""
     ax.set_title(f"{base.dataset} ({base.model}{noise}): test accuracy per epoch")
     ax.set_xlabel("epoch")
     ax.set_ylabel("test accuracy (%)")
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def _plot_pareto(path: Path, base, results) -> None:
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(10, 4.2))
+    axes = fig.subplots(1, 2, sharey=True)
+    for r in results["table"]:
+        ci = 0.0 if math.isnan(r["ci95"]) else 100 * r["ci95"]
+        for ax, x in zip(axes, (r["cost_vs_sgd"], r["gradients_per_step"])):
+            ax.errorbar(x, 100 * r["mean"], yerr=ci, fmt="o", capsize=3)
+            ax.annotate(
+                r["method"], (x, 100 * r["mean"]), textcoords="offset points", xytext=(5, 4)
+            )
+    axes[0].axvline(GOAL_COST, color="gray", lw=0.8, ls=":")
+    axes[0].set_xlabel("epoch wall time / SGD's (measured)")
+    axes[1].set_xlabel("gradient evaluations per step")
+    axes[0].set_ylabel("test accuracy (%)")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"Accuracy against cost: {base.dataset}, {base.model}")
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -26,6 +26,7 @@ from typing import Any
 from sam_optax.program.errors import UsageError
 
 DATASETS = ("digits", "cifar10", "cifar100", "fashion_mnist")
+METHODS = ("sam", "gsam", "looksam", "msam", "rst", "aesam", "fsam")
 MODELS = ("mlp", "cnn", "resnet20", "resnet32", "wrn16_8", "wrn28_2", "wrn28_10")
 AUGMENTATIONS = ("none", "basic", "cutout")
 
@@ -47,18 +48,30 @@ class Config:
     l2_in_loss: bool = False
     clip_norm: float | None = None
     rho: float = 0.2
+    method: str = "sam"
     norm: float = 2.0
     adaptive: bool = False
     m: int | None = 8
     sync_perturbation: bool = False
+    gsam_alpha: float = 0.1
+    looksam_every: int = 5
+    looksam_alpha: float = 0.7
+    msam_rho: float = 1.0
+    rst_probability: float = 0.5
+    aesam_threshold: float = 1.0
+    fsam_sigma: float = 1.0
+    fsam_decay: float = 0.6
     label_noise: float = 0.4
     label_smoothing: float = 0.0
     augment: str = "none"
     seed: int = 0
+    mesh: str | None = None
+    sync_group: int | None = None
 
     @property
     def optimizer(self) -> str:
-        return "sam" if self.rho > 0 else "sgd"
+        """``'sgd'`` when ``rho == 0``, else the SAM-family method."""
+        return self.method if self.rho > 0 else "sgd"
 
     def replace(self, **changes: Any) -> Config:
         return dataclasses.replace(self, **changes)
@@ -157,6 +170,12 @@ def _checks(config: Config) -> list[tuple[bool, str]]:
         (config.weight_decay >= 0, f"--weight-decay must be >= 0, got {config.weight_decay}"),
         (config.clip_norm is None or config.clip_norm > 0, f"--clip-norm must be > 0 (or none), got {config.clip_norm}"),
         (config.m is None or config.m >= 1, f"--m must be >= 1, got {config.m}"),
+        (config.method in METHODS, f"--method: unknown {config.method!r}; valid choices: {', '.join(METHODS)}"),
+        (config.gsam_alpha >= 0, f"--gsam-alpha must be >= 0, got {config.gsam_alpha}"),
+        (config.looksam_every >= 1, f"--looksam-every must be >= 1, got {config.looksam_every}"),
+        (config.msam_rho >= 0, f"--msam-rho must be >= 0, got {config.msam_rho}"),
+        (0 <= config.rst_probability <= 1, f"--rst-probability must be in [0, 1], got {config.rst_probability}"),
+        (0 <= config.fsam_decay < 1, f"--fsam-decay must be in [0, 1), got {config.fsam_decay}"),
     ]  # fmt: skip
 
 
@@ -165,21 +184,46 @@ def validate(config: Config, n_devices: int = 1) -> None:
     for ok, message in _checks(config):
         if not ok:
             raise UsageError(message + ".")
-    per_device, rest = divmod(config.batch_size, n_devices)
+    replicas = n_devices // parse_mesh(config.mesh).get("model", 1)
+    per_device, rest = divmod(config.batch_size, replicas)
     if rest:
         raise UsageError(
-            f"--batch-size {config.batch_size} does not split over {n_devices} devices."
+            f"--batch-size {config.batch_size} does not split over {replicas} devices."
         )
     if config.m is not None and per_device % config.m:
         raise UsageError(
             f"--batch-size {config.batch_size} is not divisible by devices x m = "
-            f"{n_devices} x {config.m}: each device gets {per_device} examples."
+            f"{replicas} x {config.m}: each device gets {per_device} examples."
+        )
+    if config.sync_group is not None and (config.sync_group < 1 or config.sync_perturbation):
+        raise UsageError(
+            f"--sync-group must be >= 1 and excludes --sync-perturbation, got {config.sync_group}."
         )
     if config.sync_perturbation and config.m is not None and config.m < per_device:
         raise UsageError(
             "--sync-perturbation shares one perturbation over the whole batch; "
             f"it cannot be combined with --m {config.m} < the per-device batch {per_device}."
         )
+
+
+MESH_AXES = ("data", "model")
+
+
+def parse_mesh(spec: str | None) -> dict[str, int]:
+    """``'data=4,model=2'`` -> ``{'data': 4, 'model': 2}`` (``None`` -> ``{}``)."""
+    if spec is None:
+        return {}
+    axes: dict[str, int] = {}
+    for part in spec.split(","):
+        name, _, size = part.partition("=")
+        name = name.strip()
+        if name not in MESH_AXES or not size.strip().isdigit() or int(size) < 1 or name in axes:
+            raise UsageError(
+                f"--mesh must look like 'data=4,model=2' (axes {', '.join(MESH_AXES)}, "
+                f"each once, sizes >= 1), got {spec!r}."
+            )
+        axes[name] = int(size)
+    return axes
 
 
 def describe(name: str, config: Config) -> str:

@@ -58,6 +58,17 @@ def write_atomic(path: Path, text: str) -> None:
         raise
 
 
+def agree_on_failure(failed: bool) -> bool:
+    """Whether any process failed (all processes learn it; no-op with one)."""
+    if jax.process_count() == 1:
+        return failed
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    flags = multihost_utils.process_allgather(np.asarray(failed, np.int32))
+    return bool(np.any(flags))
+
+
 def is_writer() -> bool:
     """Whether this process writes the run's files (process 0)."""
     return jax.process_index() == 0
@@ -75,18 +86,29 @@ class RunDir:
         self.checkpoints = (self.path / "checkpoints").absolute()
 
     def prepare(self, config: Config, resume: bool) -> None:
-        """Creates the directory, or checks it for ``resume``; never overwrites silently."""
-        if resume:
-            self._check_resumable(config)
-            return
-        if self.path.exists() and any(self.path.iterdir()):
-            raise RunDirError(
-                f"--out {self.path} already exists and is not empty; pass --resume to "
-                "continue that run, or choose another --out."
-            )
-        if is_writer():
-            self.path.mkdir(parents=True, exist_ok=True)
-            self.write_json(self.config_file, config.to_dict())
+        """Creates the directory, or checks it for ``resume``; never overwrites silently.
+
+        With several processes, process 0 checks and creates; the others wait
+        for it (a barrier), then find the directory ready.
+        """
+        error = None
+        try:
+            if resume:
+                self._check_resumable(config)
+            elif is_writer():
+                if self.path.exists() and any(self.path.iterdir()):
+                    raise RunDirError(
+                        f"--out {self.path} already exists and is not empty; pass --resume "
+                        "to continue that run, or choose another --out."
+                    )
+                self.path.mkdir(parents=True, exist_ok=True)
+                self.write_json(self.config_file, config.to_dict())
+        except RunDirError as err:
+            error = err
+        if agree_on_failure(error is not None) and error is None:
+            error = RunDirError(f"process 0 could not prepare --out {self.path} (see its message).")
+        if error is not None:
+            raise error
 
     def _check_resumable(self, config: Config) -> None:
         if not self.config_file.is_file():
@@ -144,15 +166,26 @@ class Checkpoints:
 
 
 def restore_final(workdir: str | Path) -> dict[str, Any]:
-    """The last checkpoint of a run (params, batch_stats, opt_state, ...) as host arrays."""
+    """The last checkpoint of a run (params, batch_stats, opt_state, ...) as host arrays.
+
+    Restored onto this process's first device whatever topology wrote it (a
+    multi-host run's checkpoint reads back on a laptop).
+    """
     import orbax.checkpoint as ocp
 
     directory = RunDir(workdir).checkpoints
-    manager = ocp.CheckpointManager(directory)
-    latest = manager.latest_step()
-    if latest is None:
+    manager = ocp.CheckpointManager(directory, item_handlers=ocp.StandardCheckpointHandler())
+    try:
+        latest = manager.latest_step()
+        if latest is None:
+            raise RunDirError(f"{workdir} has no checkpoint.")
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        template = jax.tree.map(
+            lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+            manager.item_metadata(latest),
+            is_leaf=lambda m: hasattr(m, "shape"),
+        )
+        restored = manager.restore(latest, args=ocp.args.StandardRestore(template))
+    finally:
         manager.close()
-        raise RunDirError(f"{workdir} has no checkpoint.")
-    restored = manager.restore(latest, args=ocp.args.StandardRestore())
-    manager.close()
-    return restored
+    return jax.device_get(restored)

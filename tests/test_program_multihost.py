@@ -1,0 +1,120 @@
+"""The program on two hosts: 2 processes x 4 CPU devices on 127.0.0.1 (jax.distributed).
+
+Each process reads its slice of every batch; process 0 writes the files; the
+checkpoints are taken by both. The result equals the single-process
+8-device run, and a run killed midway resumes to the same final parameters.
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from sam_optax.program import configs
+from sam_optax.program import train
+from sam_optax.program.rundir import restore_final
+
+from helpers import assert_trees_close
+from helpers import assert_trees_equal
+
+pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
+
+ARGS = ["train", "--epochs", "3", "--no-progress"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(out, extra=()):
+    port = _free_port()
+    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="4")
+    env.pop("XLA_FLAGS", None)
+    hosts = ["--coordinator", f"127.0.0.1:{port}", "--num-processes", "2"]
+    return [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "sam_optax",
+                *ARGS,
+                "--out",
+                str(out),
+                *extra,
+                *hosts,
+                "--process-id",
+                str(i),
+            ],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(2)
+    ]
+
+
+def _wait(procs, timeout=300):
+    outputs = []
+    try:
+        for p in procs:
+            outputs.append(p.communicate(timeout=timeout)[0])
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
+    for i, p in enumerate(procs):
+        assert p.returncode == 0, f"process {i}:\n{outputs[i] if i < len(outputs) else ''}"
+
+
+def _kill_all(procs):
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGKILL)
+    for p in procs:
+        p.communicate(timeout=60)
+
+
+def test_two_hosts_equal_one_host_and_resume_after_a_kill(tmp_path):
+    two = tmp_path / "two"
+    _wait(_launch(two))
+    # Process 0 wrote the files, once.
+    rows = [json.loads(x) for x in (two / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+    assert json.loads((two / "summary.json").read_text())["devices"] == 8
+
+    # The same run in this process on its 8 devices.
+    config = configs.recipe("digits-noise").replace(epochs=3)
+    train.train_and_evaluate(config, tmp_path / "one", progress=False)
+    a, b = restore_final(tmp_path / "one"), restore_final(two)
+    assert_trees_close(b["params"], a["params"], rtol=1e-4, atol=1e-6)
+
+    # Killed midway (both processes, as a failed job), then resumed: identical.
+    cut = tmp_path / "cut"
+    procs = _launch(cut, ["--checkpoint-every", "10"])
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        folder = cut / "checkpoints"
+        done = (
+            [int(p.name) for p in folder.glob("*") if p.name.isdigit()] if folder.exists() else []
+        )
+        if any(d >= 20 for d in done):
+            break
+        assert all(p.poll() is None for p in procs), "a process ended before it could be killed"
+        time.sleep(0.05)
+    _kill_all(procs)
+    assert not (cut / "summary.json").exists(), "killed too late: the run had finished"
+    _wait(_launch(cut, ["--checkpoint-every", "10", "--resume"]))
+    c = restore_final(cut)
+    for key in ("params", "opt_state"):
+        assert_trees_equal(jax.tree.map(np.asarray, c[key]), jax.tree.map(np.asarray, b[key]))
