@@ -121,9 +121,11 @@ plt.show()
 def curves(name: str, key: str) -> np.ndarray:
     runs = sorted((out / "runs").glob(f"{name}-rho*-seed*"))
     rows = [[json.loads(x) for x in (r / "metrics.jsonl").read_text().splitlines()] for r in runs]
-    return np.nanmean(
-        [[row[key] if row[key] is not None else np.nan for row in rs] for rs in rows], 0
-    )
+    values = np.array([[np.nan if row[key] is None else row[key] for row in rs] for rs in rows])
+    finite = np.isfinite(values)  # NaN: not measured (MSAM never measures the cosine)
+    counts = finite.sum(0)
+    sums = np.where(finite, values, 0.0).sum(0)
+    return np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
 
 
 fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))

@@ -26,7 +26,7 @@ from helpers import assert_trees_equal
 
 pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
 
-ARGS = ["train", "--epochs", "3", "--no-progress"]
+ARGS = ["train", "--epochs", "2", "--no-progress"]
 
 
 def _free_port() -> int:
@@ -90,11 +90,11 @@ def test_two_hosts_equal_one_host_and_resume_after_a_kill(tmp_path):
     _wait(_launch(two))
     # Process 0 wrote the files, once.
     rows = [json.loads(x) for x in (two / "metrics.jsonl").read_text().splitlines()]
-    assert [r["epoch"] for r in rows] == [1, 2, 3]
+    assert [r["epoch"] for r in rows] == [1, 2]
     assert json.loads((two / "summary.json").read_text())["devices"] == 8
 
     # The same run in this process on its 8 devices.
-    config = configs.recipe("digits-noise").replace(epochs=3)
+    config = configs.recipe("digits-noise").replace(epochs=2)
     train.train_and_evaluate(config, tmp_path / "one", progress=False)
     a, b = restore_final(tmp_path / "one"), restore_final(two)
     assert_trees_close(b["params"], a["params"], rtol=1e-4, atol=1e-6)

@@ -34,15 +34,9 @@ from sam_optax.program.errors import RunDirError
 HVP_BATCH = 256
 
 
-def analyze_run(
-    run_dir: str | Path,
-    *,
-    rho: float = 0.05,
-    examples: int = 512,
-    plots: bool = True,
-    num_iterations: int = 40,
-) -> dict[str, Any]:
-    run_dir = Path(run_dir)
+def _load_run(run_dir: Path, examples: int):
+    """The run's config, its first ``examples`` training examples (label noise included)
+    and its final params and BatchNorm statistics."""
     config_file = run_dir / "config.json"
     if not config_file.is_file():
         raise RunDirError(
@@ -57,21 +51,38 @@ def analyze_run(
         )
     n = min(examples, len(y))
     n -= n % min(n, HVP_BATCH)
-    x, y = dataset.x_train[:n], y[:n]
-
     state = train.restore_final(run_dir)
-    params, batch_stats = state["params"], state.get("batch_stats")
+    return config, dataset, (dataset.x_train[:n], y[:n]), state["params"], state.get("batch_stats")
+
+
+def _eval_loss(config, dataset, batch_stats):
+    """``loss(params, (x, y))`` of the model in evaluation mode: a function of the weights alone."""
     model = models.create_model(config.model, dataset.num_classes, config.dropout)
     normalize = train.normalizer(dataset)
 
-    def loss(p: Any, batch: tuple[jax.Array, jax.Array]) -> jax.Array:
-        variables = {"params": p}
+    def loss(params: Any, batch: tuple[jax.Array, jax.Array]) -> jax.Array:
+        variables = {"params": params}
         if batch_stats is not None:
             variables["batch_stats"] = batch_stats
         logits = model.apply(variables, normalize(batch[0]), train=False)
         return optax.softmax_cross_entropy_with_integer_labels(logits, batch[1]).mean()
 
-    chunk = min(n, HVP_BATCH)
+    return loss
+
+
+def analyze_run(
+    run_dir: str | Path,
+    *,
+    rho: float = 0.05,
+    examples: int = 512,
+    plots: bool = True,
+    num_iterations: int = 40,
+) -> dict[str, Any]:
+    """Measures a finished run (see the module docstring) and writes ``RUN_DIR/analysis/``."""
+    run_dir = Path(run_dir)
+    config, dataset, (x, y), params, batch_stats = _load_run(run_dir, examples)
+    loss = _eval_loss(config, dataset, batch_stats)
+    n, chunk = len(y), min(len(y), HVP_BATCH)
     batches = (
         jnp.asarray(x).reshape(n // chunk, chunk, *x.shape[1:]),
         jnp.asarray(y).reshape(n // chunk, chunk),
@@ -105,15 +116,19 @@ def analyze_run(
             str(out / name) for name in ("landscape_1d.png", "landscape_2d.png", "spectrum.png")
         ]
     (out / "analysis.json").write_text(json.dumps(result, indent=2) + "\n")
+    _print(run_dir, config, result, rho, out)
+    return result
+
+
+def _print(run_dir, config, result, rho, out) -> None:
     print(
-        f"{run_dir}: {config.optimizer} (rho={config.rho:g}), {n} training examples\n"
+        f"{run_dir}: {config.optimizer} (rho={config.rho:g}), {result['examples']} training examples\n"
         f"  loss {result['loss']:.4f}\n"
         f"  lambda_max {result['lambda_max']:.4g}, lambda_max/lambda_5 {result['lambda_max_over_lambda_5']:.3g}\n"
         f"  sharpness (rho={rho:g}): {result['sharpness_1_step']:.4g} (1 step), "
         f"{result['sharpness_5_steps']:.4g} (5 steps)\n"
         f"  written to {out}"
     )
-    return result
 
 
 def _plots(out: Path, full_loss, loss, params, batches, lams, config) -> None:

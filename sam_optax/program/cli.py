@@ -122,6 +122,7 @@ RUN_FLAGS: tuple[tuple[str, str, Any, str], ...] = (
 
 
 def _add_run_flags(parser: argparse.ArgumentParser, command: str) -> None:
+    """The recipe and config flags (each defaulting to the recipe), then the run controls."""
     parser.add_argument(
         "--config",
         default=argparse.SUPPRESS,
@@ -137,25 +138,34 @@ def _add_run_flags(parser: argparse.ArgumentParser, command: str) -> None:
             flag, dest=field, default=argparse.SUPPRESS, help=text + default, **kwargs
         )
     if command == "compare":
-        parser.add_argument(
-            "--method",
-            dest="methods",
-            type=_names,
-            default=None,
-            help=f"comma list of sgd, {', '.join(configs.METHODS)} "
-            "(default: the recipe's method, and SGD through --rho 0)",
-        )
-        parser.add_argument(
-            "--rho",
-            dest="rhos",
-            type=_floats,
-            default=None,
-            help="comma list of rho values, 0 meaning SGD (default: 0 and the recipe's rho; "
-            "with --method, the recipe's rho)",
-        )
-        parser.add_argument(
-            "--seeds", type=_ints, default=[0, 1, 2], help="comma list of seeds (default: 0,1,2)"
-        )
+        _add_grid_flags(parser)
+    _add_control_flags(parser, command)
+    _add_host_flags(parser)
+
+
+def _add_grid_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--method",
+        dest="methods",
+        type=_names,
+        default=None,
+        help=f"comma list of sgd, {', '.join(configs.METHODS)} "
+        "(default: the recipe's method, and SGD through --rho 0)",
+    )
+    parser.add_argument(
+        "--rho",
+        dest="rhos",
+        type=_floats,
+        default=None,
+        help="comma list of rho values, 0 meaning SGD (default: 0 and the recipe's rho; "
+        "with --method, the recipe's rho)",
+    )
+    parser.add_argument(
+        "--seeds", type=_ints, default=[0, 1, 2], help="comma list of seeds (default: 0,1,2)"
+    )
+
+
+def _add_control_flags(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument(
         "--out",
         help=f"run directory, never overwritten (default: runs/{command}-DATASET-TIMESTAMP)",
@@ -170,7 +180,10 @@ def _add_run_flags(parser: argparse.ArgumentParser, command: str) -> None:
         metavar="STEPS",
         help="also checkpoint every STEPS steps within an epoch (default: at epoch ends only)",
     )
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")  # fmt: skip
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _add_host_flags(parser: argparse.ArgumentParser) -> None:
     hosts = parser.add_argument_group(
         "many hosts",
         "run one process per host with the same flags; each reads its slice of every batch",
@@ -184,7 +197,9 @@ def _add_run_flags(parser: argparse.ArgumentParser, command: str) -> None:
         "--coordinator", metavar="HOST:PORT", help="the coordinator's address (process 0's)"
     )
     hosts.add_argument("--num-processes", type=int, help="how many processes take part")
-    hosts.add_argument("--process-id", type=int, help="this process's index, 0 .. num-processes - 1")  # fmt: skip
+    hosts.add_argument(
+        "--process-id", type=int, help="this process's index, 0 .. num-processes - 1"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -69,6 +70,25 @@ def agree_on_failure(failed: bool) -> bool:
     return bool(np.any(flags))
 
 
+LOCK_FILE = ".lock"
+
+
+def lock_directory(path: Path) -> Any:
+    """An exclusive lock on ``path/.lock`` (filelock), or ``RunDirError`` if another process holds it."""
+    from filelock import FileLock
+    from filelock import Timeout
+
+    lock = FileLock(str(path / LOCK_FILE))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise RunDirError(
+            f"--out {path} is in use by another sam-optax process (it holds {path / LOCK_FILE}); "
+            "wait for it to finish, or choose another --out."
+        ) from None
+    return lock
+
+
 def is_writer() -> bool:
     """Whether this process writes the run's files (process 0)."""
     return jax.process_index() == 0
@@ -88,27 +108,46 @@ class RunDir:
     def prepare(self, config: Config, resume: bool) -> None:
         """Creates the directory, or checks it for ``resume``; never overwrites silently.
 
-        With several processes, process 0 checks and creates; the others wait
-        for it (a barrier), then find the directory ready.
+        Process 0 takes the directory's lock (``.lock``, held until
+        :meth:`release`): a second process on the same ``--out`` is refused
+        with a clear message. With several processes, the others wait for
+        process 0 and learn whether it succeeded.
         """
         error = None
         try:
-            if resume:
+            if is_writer():
+                self._prepare_as_writer(config, resume)
+            elif resume:
                 self._check_resumable(config)
-            elif is_writer():
-                if self.path.exists() and any(self.path.iterdir()):
-                    raise RunDirError(
-                        f"--out {self.path} already exists and is not empty; pass --resume "
-                        "to continue that run, or choose another --out."
-                    )
-                self.path.mkdir(parents=True, exist_ok=True)
-                self.write_json(self.config_file, config.to_dict())
         except RunDirError as err:
             error = err
         if agree_on_failure(error is not None) and error is None:
             error = RunDirError(f"process 0 could not prepare --out {self.path} (see its message).")
         if error is not None:
+            self.release()
             raise error
+
+    def _prepare_as_writer(self, config: Config, resume: bool) -> None:
+        if not resume and self.path.exists() and any(self.path.iterdir()):
+            raise RunDirError(
+                f"--out {self.path} already exists and is not empty; pass --resume "
+                "to continue that run, or choose another --out."
+            )
+        if resume and not self.config_file.is_file():
+            raise RunDirError(f"--resume: {self.path} holds no run to resume (no config.json).")
+        self.path.mkdir(parents=True, exist_ok=True)
+        self._lock = lock_directory(self.path)
+        if resume:
+            self._check_resumable(config)
+        else:
+            self.write_json(self.config_file, config.to_dict())
+
+    def release(self) -> None:
+        """Releases the directory's lock (if this process holds it)."""
+        lock = getattr(self, "_lock", None)
+        if lock is not None:
+            lock.release()
+            self._lock = None
 
     def _check_resumable(self, config: Config) -> None:
         if not self.config_file.is_file():
@@ -141,12 +180,17 @@ class RunDir:
 
 
 class Checkpoints:
-    """Orbax checkpoints of the training state, keyed by the number of steps done."""
+    """Orbax checkpoints of the training state, keyed by the number of steps done.
+
+    Orbax writes each checkpoint to a temporary folder and renames it when
+    complete, so a run killed while writing leaves the previous ones intact.
+    """
 
     def __init__(self, directory: Path, max_to_keep: int = 2):
         import orbax.checkpoint as ocp
 
         self._ocp = ocp
+        self.directory = directory
         options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
         self.manager = ocp.CheckpointManager(directory, options=options)
 
@@ -159,6 +203,26 @@ class Checkpoints:
     def restore(self, step: int, like: Any) -> Any:
         template = jax.tree.map(self._ocp.utils.to_shape_dtype_struct, like)
         return self.manager.restore(step, args=self._ocp.args.StandardRestore(template))
+
+    def restore_latest(self, like: Any) -> tuple[int, Any] | None:
+        """The newest checkpoint that reads back whole: ``(step, state)``, or ``None``.
+
+        A checkpoint that fails to read (truncated, corrupted) is reported by
+        path on stderr, deleted, and the one before it tried.
+        """
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            try:
+                return step, self.restore(step, like)
+            except Exception as err:  # orbax and tensorstore raise many kinds
+                path = self.directory / str(step)
+                print(
+                    f"sam-optax: checkpoint {path} is unreadable ({type(err).__name__}: "
+                    f"{str(err).splitlines()[0][:200]}); it is deleted and the previous one used.",
+                    file=sys.stderr,
+                )
+                if is_writer():
+                    self.manager.delete(step)
+        return None
 
     def close(self) -> None:
         self.manager.wait_until_finished()

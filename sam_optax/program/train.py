@@ -161,10 +161,10 @@ def _checkpoint_state(run: _Run, meter: Meter, wall: float) -> dict[str, Any]:
 
 def _restore(run: _Run) -> tuple[int, Meter, float]:
     """Restores the latest checkpoint into the placed state: ``(steps done, meter, wall)``."""
-    latest = run.checkpoints.latest()
-    if latest is None:
+    found = run.checkpoints.restore_latest(_checkpoint_state(run, Meter(), 0.0))
+    if found is None:
         return 0, Meter(), 0.0
-    restored = run.checkpoints.restore(latest, _checkpoint_state(run, Meter(), 0.0))
+    latest, restored = found
     run.trainer.state = {k: restored[k] for k in run.state}
     return latest, Meter.from_state(restored["meter"]), float(restored["wall_seconds"])
 
@@ -262,6 +262,7 @@ def train_and_evaluate(
         return _train(run, resume, progress, description)
     finally:
         run.checkpoints.close()
+        run.rundir.release()
 
 
 def _train(run: _Run, resume: bool, progress: bool, description: str | None) -> dict[str, Any]:

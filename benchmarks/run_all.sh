@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Every benchmark once, on whatever device JAX finds (CPU, or a GPU with jax[cuda]).
+#     bash benchmarks/run_all.sh [--small]
+# --small shrinks the WRN step to a CPU-sized batch.
+set -euo pipefail
+cd "$(dirname "$0")"
+python -c "import jax; print('devices:', jax.devices())"
+python step_time.py
+python msharpness.py
+python efficient.py
+python hessian.py
+if [ "${1:-}" = "--small" ]; then python wrn.py --batch 8 --repeats 3; else python wrn.py; fi

@@ -1,0 +1,202 @@
+"""Property-based tests of the core (hypothesis): random pytrees, dtypes, masks, norms, variants.
+
+Each property runs ``EXAMPLES`` random cases (``FACTORY_EXAMPLES`` for the
+one that runs every factory), shrunk to a minimal one on failure; the
+``@example``s are cases kept as regression tests. ``SAM_OPTAX_EXAMPLES=N``
+runs N cases of each (a deeper search than CI's).
+"""
+
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import optax
+import pytest
+from hypothesis import HealthCheck
+from hypothesis import example
+from hypothesis import given
+from hypothesis import settings
+from hypothesis import strategies as st
+
+import sam_optax
+
+from helpers import np_eps_p
+
+EXAMPLES = int(os.environ.get("SAM_OPTAX_EXAMPLES", 25))
+DTYPES = {
+    "float16": np.float16,
+    "bfloat16": ml_dtypes.bfloat16,
+    "float32": np.float32,
+    "float64": np.float64,
+    "complex64": np.complex64,
+}
+# Relative accuracy an output of each dtype can have.
+RTOL = {"float16": 4e-3, "bfloat16": 2e-2, "float32": 2e-6, "float64": 1e-12, "complex64": 2e-6}
+
+FACTORY_EXAMPLES = int(
+    os.environ.get("SAM_OPTAX_EXAMPLES", 12)
+)  # each example compiles a factory's update: the costliest property
+PROPERTY = settings(
+    max_examples=EXAMPLES,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+
+
+@st.composite
+def trees(draw, dtype=None):
+    """A nested dict/tuple of 1 to 4 arrays, 0-d to 4-d, one dtype, and a mask over it."""
+    dtype = dtype or draw(st.sampled_from(sorted(DTYPES)))
+    n = draw(st.integers(1, 4))
+    leaves = []
+    for _ in range(n):
+        shape = tuple(draw(st.lists(st.integers(1, 3), min_size=0, max_size=4)))
+        size = int(np.prod(shape))
+        values = draw(
+            st.lists(
+                st.floats(-3, 3, allow_nan=False, width=32).filter(lambda v: abs(v) > 1e-2),
+                min_size=size * (2 if dtype == "complex64" else 1),
+                max_size=size * (2 if dtype == "complex64" else 1),
+            )
+        )
+        x = np.asarray(values, np.float64)
+        if dtype == "complex64":
+            x = x[:size] + 1j * x[size:]
+        leaves.append(x.reshape(shape).astype(DTYPES[dtype]))
+    layout = draw(st.sampled_from(["dict", "tuple", "nested"]))
+    if layout == "dict":
+        tree = {f"p{i}": x for i, x in enumerate(leaves)}
+    elif layout == "tuple":
+        tree = tuple(leaves)
+    else:
+        tree = {"a": tuple(leaves[:1]), "b": {f"c{i}": x for i, x in enumerate(leaves[1:])}}
+    mask = jax.tree.map(lambda _: draw(st.booleans()), tree)
+    if not any(jax.tree.leaves(mask)):
+        mask = jax.tree.map(lambda _: True, tree)
+    return dtype, tree, mask  # numpy leaves: made jax arrays inside the test's x64 context
+
+
+def _selected(tree, mask):
+    parts = [
+        np.asarray(x).astype(np.complex128 if np.iscomplexobj(x) else np.float64).ravel()
+        for x, m in zip(jax.tree.leaves(tree), jax.tree.leaves(mask))
+        if m
+    ]
+    return np.concatenate(parts)
+
+
+def _p_norm(v, p):
+    a = np.abs(v)
+    return a.max() if np.isinf(p) else np.sum(a**p) ** (1 / p)
+
+
+NORMS = st.sampled_from([2.0, 3.0, 1.5, math.inf])
+
+
+@PROPERTY
+@given(case=trees(), rho=st.floats(1e-3, 2.0), p=NORMS)
+@example(  # a 0-d bfloat16 leaf alone: the norm must not round to zero
+    case=("bfloat16", {"p0": np.asarray(0.0117, ml_dtypes.bfloat16)}, {"p0": True}), rho=0.5, p=2.0
+)
+def test_ascent_direction_lies_on_the_sphere_and_keeps_dtypes(case, rho, p):
+    dtype, grads, mask = case
+    with jax.enable_x64(dtype == "float64"):
+        grads = jax.tree.map(jnp.asarray, grads)
+        out = sam_optax.ascent_direction(grads, rho, norm=p, mask=mask, eps=0.0)
+        for g, o, m in zip(jax.tree.leaves(grads), jax.tree.leaves(out), jax.tree.leaves(mask)):
+            assert o.dtype == g.dtype and o.shape == g.shape
+            assert np.all(np.isfinite(np.asarray(o).astype(np.complex128)))
+            if not m:
+                assert np.all(np.asarray(o) == 0)
+        norm = _p_norm(_selected(out, mask), p)
+        tol = RTOL[dtype] * (8 if p in (1.5, 3.0) else 2)
+        np.testing.assert_allclose(norm, rho, rtol=tol)
+
+
+@PROPERTY
+@given(case=trees(dtype="float64"), rho=st.floats(1e-3, 2.0), p=NORMS)
+def test_ascent_direction_is_eq2_in_float64(case, rho, p):
+    _, grads, mask = case
+    with jax.enable_x64(True):
+        grads = jax.tree.map(lambda x: jnp.asarray(x, jnp.float64), grads)
+        out = sam_optax.ascent_direction(grads, rho, norm=p, mask=mask, eps=0.0)
+        np.testing.assert_allclose(
+            _selected(out, mask), np_eps_p(_selected(grads, mask), rho, p), rtol=1e-10, atol=1e-14
+        )
+
+
+def _loss(tree):
+    return sum(
+        jnp.sum(jnp.abs(x.astype(jnp.complex64 if jnp.iscomplexobj(x) else jnp.float32)) ** 2)
+        + 0.1 * jnp.sum(jnp.abs(x.astype(jnp.float32)) ** 4 if not jnp.iscomplexobj(x) else 0.0)
+        for x in jax.tree.leaves(tree)
+    )
+
+
+FACTORIES = {
+    "sam": lambda rho, p: sam_optax.sam(rho, norm=p),
+    "sam-adaptive": lambda rho, p: sam_optax.sam(rho, norm=p, adaptive=True),
+    "sam-steps2": lambda rho, p: sam_optax.sam(rho, norm=p, ascent_steps=2),
+    "gsam": lambda rho, p: sam_optax.gsam(rho, 0.3, norm=p),
+    "looksam": lambda rho, p: sam_optax.looksam(rho, every=2, norm=p),
+    "msam": lambda rho, p: sam_optax.msam(rho),
+    "rst": lambda rho, p: sam_optax.rst(rho, 0.5, norm=p),
+    "aesam": lambda rho, p: sam_optax.aesam(rho, norm=p),
+    "fsam": lambda rho, p: sam_optax.fsam(rho, 0.5, norm=p),
+}
+
+
+@settings(PROPERTY, max_examples=FACTORY_EXAMPLES)
+@given(
+    case=trees(),
+    rho=st.floats(1e-3, 1.0),
+    p=NORMS,
+    name=st.sampled_from(sorted(FACTORIES)),
+)
+def test_every_factory_keeps_dtypes_and_stays_finite(case, rho, p, name):
+    dtype, params, mask = case
+    params = jax.tree.map(jnp.asarray, params)
+    tx = FACTORIES[name](rho, p)
+    if name.startswith("sam") and dtype != "complex64":
+        tx = sam_optax.sam(rho, norm=p, mask=mask)
+    state = tx.init(params)
+    for _ in range(2):  # the second step reuses stored state (looksam, fsam, msam)
+        grads = optax.tree.conj(jax.grad(lambda t: jnp.real(_loss(t)))(params))
+        out, state = tx.update(grads, state, params, value_fn=lambda t: jnp.real(_loss(t)))
+        for o, w in zip(jax.tree.leaves(out), jax.tree.leaves(params)):
+            assert o.dtype == w.dtype and o.shape == w.shape
+            assert np.all(np.isfinite(np.asarray(o).astype(np.complex128)))
+        params = optax.apply_updates(params, out)
+
+
+@PROPERTY
+@given(case=trees(), name=st.sampled_from(sorted(FACTORIES)))
+def test_rho_zero_hands_on_the_gradient_unchanged(case, name):
+    _, params, _ = case
+    params = jax.tree.map(jnp.asarray, params)
+    tx = FACTORIES[name](0.0, 2.0)
+    grads = jax.tree.map(lambda x: x * 0.5 + 1, params)
+    out, _ = tx.update(grads, tx.init(params), params, value_fn=lambda t: jnp.real(_loss(t)))
+    for o, g in zip(jax.tree.leaves(out), jax.tree.leaves(grads)):
+        assert o.dtype == g.dtype
+        np.testing.assert_array_equal(np.asarray(o), np.asarray(g))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_strategies_cover_what_they_claim(dtype):
+    # A guard on the generator itself: leaves of every rank and the dtype asked for.
+    @settings(max_examples=30, deadline=None)
+    @given(case=trees(dtype=dtype))
+    def collect(case):
+        seen.update(x.ndim for x in jax.tree.leaves(case[1]))
+        assert all(
+            x.dtype == np.dtype(DTYPES[dtype]) or dtype == "float64"
+            for x in jax.tree.leaves(case[1])
+        )
+
+    seen: set[int] = set()
+    collect()
+    assert len(seen) >= 3, seen
