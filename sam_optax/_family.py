@@ -311,6 +311,51 @@ def finish(call: Call, options: Options, local: Sequence[jax.Array]) -> Any:
     )
 
 
+def base_step(call: Call, options: Options) -> tuple[Any, Diagnostics]:
+    """The base optimizer's step: the clean gradient averaged over the devices.
+
+    What every factory hands on when nothing is perturbed (ρ = 0, no leaf
+    selected) and what the switching variants take on their cheap branch.
+    """
+    return _axes.pmean(call.updates, options.axes), measure(call, options, None, None, False)
+
+
+def skips_perturbation(rho: Any, call: Call) -> bool:
+    """Whether the step is the base step at trace time: a constant ρ of 0, or no leaf selected."""
+    return (not callable(rho) and _checks.concrete_float(rho) == 0.0) or not call.sel.indices
+
+
+Step = Callable[[Call, Any], tuple[Any, Any]]
+
+
+def transformation(
+    owner: str, options: Options, init_fn: Callable[[Any], Any], step: Step
+) -> optax.GradientTransformationExtraArgs:
+    """``sam``'s update contract around ``step(call, state) -> (updates, state)``.
+
+    The update takes ``(grads, state, params, *, value_fn=None,
+    grouped_objective=None, value=None, **extra_args)``, checks them (errors
+    name ``owner``) and hands ``step`` the :class:`Call`; other extra
+    arguments of an optax chain are ignored.
+    """
+
+    def update_fn(
+        updates: optax.Updates,
+        state: Any,
+        params: optax.Params | None = None,
+        *,
+        value_fn: Callable[..., Any] | None = None,
+        grouped_objective: GroupedObjective | None = None,
+        value: jax.Array | None = None,
+        **extra_args: Any,
+    ) -> tuple[optax.Updates, Any]:
+        del extra_args
+        call = prepare_call(options, updates, params, value_fn, grouped_objective, value, owner)
+        return step(call, state)
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
 # --------------------------------------------------------------------------
 # Diagnostics.
 # --------------------------------------------------------------------------

@@ -7,7 +7,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from collections.abc import Hashable
 from typing import Any
 from typing import NamedTuple
@@ -195,31 +194,20 @@ def sam(
         key = jax.random.key_data(jax.random.key(seed)) if direction == "random" else None
         return SAMState(jnp.zeros([], jnp.int32), key, _family.initial_diagnostics())
 
-    def update_fn(
-        updates: optax.Updates,
-        state: SAMState,
-        params: optax.Params | None = None,
-        *,
-        value_fn: Callable[[Any], Any] | None = None,
-        grouped_objective: GroupedObjective | None = None,
-        value: jax.Array | None = None,
-        **extra_args: Any,
-    ) -> tuple[optax.Updates, SAMState]:
-        del extra_args
-        call = _family.prepare_call(options, updates, params, value_fn, grouped_objective, value)
+    def step(call: _family.Call, state: SAMState) -> tuple[optax.Updates, SAMState]:
         count, key = optax.safe_increment(state.count), _family.next_key(state.key)
-        if rho_static == 0.0 or not call.sel.indices:
+        if _family.skips_perturbation(rho, call):
             # Nothing is perturbed: the gradient at w + 0 is the gradient at w.
-            diagnostics = _family.measure(call, options, None, None, False)
-            return _axes.pmean(updates, options.axes), SAMState(count, key, diagnostics)
+            out, diagnostics = _family.base_step(call, options)
+            return out, SAMState(count, key, diagnostics)
         rho_t = _family.schedule_value(rho, state.count)
         wrapped = None if state.key is None else jax.random.wrap_key_data(state.key)
         local, info = _family.sam_update(call, options, rho_t, wrapped)
         out = _family.finish(call, options, local)
         if rho_static is None:  # a schedule or a traced rho may be 0 at this step
-            baseline = _axes.pmean(updates, options.axes)
+            baseline = _axes.pmean(call.updates, options.axes)
             out = jax.tree.map(lambda b, o: jnp.where(rho_t == 0, b, o), baseline, out)
         diagnostics = _family.measure(call, options, local, info, True)
         return out, SAMState(count, key, diagnostics)
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return _family.transformation("sam", options, init_fn, step)

@@ -83,6 +83,13 @@ def _unit(x: Leaves) -> Leaves:
     return [v / jnp.where(n > 0, n, 1.0) for v in x]
 
 
+def _zeros_f32(params: Any) -> Any:
+    """A params-shaped buffer of zeros in at least float32."""
+    return jax.tree.map(
+        lambda w: jnp.zeros_like(w, jnp.promote_types(w.dtype, jnp.float32)), params
+    )
+
+
 def _options(kwargs: dict[str, Any]) -> Options:
     return _family.make_options(**kwargs)
 
@@ -100,21 +107,10 @@ def _takes_sam_options(factory: Callable[..., Any]) -> Callable[..., Any]:
     return factory
 
 
-def _base_branch(call: Call, options: Options) -> tuple[Any, Diagnostics]:
-    """The base optimizer's step: the clean gradient averaged over the devices."""
-    return _axes.pmean(call.updates, options.axes), _family.measure(
-        call, options, None, None, False
-    )
-
-
 def _sam_branch(call: Call, options: Options, rho: Any, key: Any = None) -> tuple[Any, Diagnostics]:
     """The SAM step: the averaged SAM gradient and its diagnostics."""
     local, info = _family.sam_update(call, options, rho, key)
     return _family.finish(call, options, local), _family.measure(call, options, local, info, True)
-
-
-def _rho_is_zero(rho: Any) -> bool:
-    return not callable(rho) and _checks.concrete_float(rho) == 0.0
 
 
 def _random_key(options: Options, key: jax.Array | None) -> jax.Array | None:
@@ -205,28 +201,22 @@ def gsam(
         del params
         return GSAMState(*_fresh(opts))
 
-    def update_fn(
-        updates, state, params=None, *, value_fn=None, grouped_objective=None, value=None, **extra
-    ):
-        del extra
-        call = _family.prepare_call(
-            opts, updates, params, value_fn, grouped_objective, value, "gsam"
-        )
+    def step(call: Call, state: GSAMState) -> tuple[Any, GSAMState]:
         count, key = _advance(state)
-        if _rho_is_zero(rho) or not call.sel.indices:
-            out, diagnostics = _base_branch(call, opts)
+        if _family.skips_perturbation(rho, call):
+            out, diagnostics = _family.base_step(call, opts)
             return out, GSAMState(count, key, diagnostics)
         rho_t = _family.schedule_value(rho, state.count)
         local, info = _family.sam_update(call, opts, rho_t, _random_key(opts, state.key))
         if not alpha_zero:
-            g = _float_leaves(updates)
+            g = _float_leaves(call.updates)
             coef = _projection_coefficient(g, local)
             perp = [x - coef * s.astype(x.dtype) for x, s in zip(g, local)]
             local = [s - alpha * p.astype(s.dtype) for s, p in zip(local, perp)]
         diagnostics = _family.measure(call, opts, local, info, True)
         return _family.finish(call, opts, local), GSAMState(count, key, diagnostics)
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return _family.transformation("gsam", opts, init_fn, step)
 
 
 class GSAMState(NamedTuple):
@@ -308,20 +298,14 @@ def looksam(
         count, key, diagnostics = _fresh(opts)
         return LookSAMState(count, key, jax.tree.map(jnp.zeros_like, params), diagnostics)
 
-    def update_fn(
-        updates, state, params=None, *, value_fn=None, grouped_objective=None, value=None, **extra
-    ):
-        del extra
-        call = _family.prepare_call(
-            opts, updates, params, value_fn, grouped_objective, value, "looksam"
-        )
+    def step(call: Call, state: LookSAMState) -> tuple[Any, LookSAMState]:
         count, key = _advance(state)
-        if _rho_is_zero(rho) or not call.sel.indices:
-            out, diagnostics = _base_branch(call, opts)
+        if _family.skips_perturbation(rho, call):
+            out, diagnostics = _family.base_step(call, opts)
             return out, LookSAMState(count, key, state.direction, diagnostics)
         rho_t = _family.schedule_value(rho, state.count)
-        g = _float_leaves(_axes.pmean(updates, opts.axes))
-        treedef = jax.tree.structure(updates)
+        g = _float_leaves(_axes.pmean(call.updates, opts.axes))
+        treedef = jax.tree.structure(call.updates)
 
         def full(stored):
             out, diagnostics = _sam_branch(call, opts, rho_t, _random_key(opts, state.key))
@@ -334,7 +318,7 @@ def looksam(
             step = alpha * _family.norm(g)
             leaves = _scaled_sum(g, _float_leaves(stored), step)
             out = jax.tree.unflatten(
-                treedef, [x.astype(u.dtype) for x, u in zip(leaves, jax.tree.leaves(updates))]
+                treedef, [x.astype(u.dtype) for x, u in zip(leaves, jax.tree.leaves(call.updates))]
             )
             return out, stored, _family.measure(call, opts, jax.tree.leaves(out), None, False)
 
@@ -343,7 +327,7 @@ def looksam(
         )
         return out, LookSAMState(count, key, direction, diagnostics)
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return _family.transformation("looksam", opts, init_fn, step)
 
 
 def _cast_like(leaves: Leaves, like: Any) -> Any:
@@ -412,21 +396,13 @@ def msam(
     opts = _options({"mask": mask, "axis_name": axis_name, "has_aux": has_aux})
 
     def init_fn(params: Any) -> MSAMState:
-        d = jax.tree.map(
-            lambda w: jnp.zeros_like(w, jnp.promote_types(w.dtype, jnp.float32)), params
+        return MSAMState(
+            jnp.zeros([], jnp.int32), _zeros_f32(params), _family.initial_diagnostics()
         )
-        return MSAMState(jnp.zeros([], jnp.int32), d, _family.initial_diagnostics())
 
-    def update_fn(
-        updates, state, params=None, *, value_fn=None, grouped_objective=None, value=None, **extra
-    ):
-        del extra
-        call = _family.prepare_call(
-            opts, updates, params, value_fn, grouped_objective, value, "msam"
-        )
-        if _rho_is_zero(rho) or not call.sel.indices:
-            out = _axes.pmean(updates, opts.axes)
-            diagnostics = _family.measure(call, opts, None, None, False)
+    def step(call: Call, state: MSAMState) -> tuple[Any, MSAMState]:
+        if _family.skips_perturbation(rho, call):
+            out, diagnostics = _family.base_step(call, opts)
         else:
             out, diagnostics = _msam_gradient(
                 call, opts, _family.schedule_value(rho, state.count), state.momentum
@@ -434,7 +410,7 @@ def msam(
         d = jax.tree.map(lambda m, u: momentum * m + u.astype(m.dtype), state.momentum, out)
         return out, MSAMState(optax.safe_increment(state.count), d, diagnostics)
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return _family.transformation("msam", opts, init_fn, step)
 
 
 def _msam_gradient(call: Call, opts: Options, rho: Any, d: Any) -> tuple[Any, Diagnostics]:
@@ -474,7 +450,7 @@ def _switch(
     return jax.lax.cond(
         take,
         lambda: _sam_branch(call, opts, rho, key),
-        lambda: _base_branch(call, opts),
+        lambda: _family.base_step(call, opts),
     )
 
 
@@ -513,16 +489,10 @@ def rst(
         del params
         return RSTState(*_fresh(opts))
 
-    def update_fn(
-        updates, state, params=None, *, value_fn=None, grouped_objective=None, value=None, **extra
-    ):
-        del extra
-        call = _family.prepare_call(
-            opts, updates, params, value_fn, grouped_objective, value, "rst"
-        )
+    def step(call: Call, state: RSTState) -> tuple[Any, RSTState]:
         count, key = _advance(state)
-        if _rho_is_zero(rho) or not call.sel.indices:
-            out, diagnostics = _base_branch(call, opts)
+        if _family.skips_perturbation(rho, call):
+            out, diagnostics = _family.base_step(call, opts)
             return out, RSTState(count, key, diagnostics)
         draw = jax.random.fold_in(jax.random.wrap_key_data(state.key), 0)
         take = jax.random.bernoulli(draw, _family.schedule_value(probability, state.count))
@@ -530,7 +500,7 @@ def rst(
         out, diagnostics = _switch(call, opts, rho_t, take, _random_key(opts, state.key))
         return out, RSTState(count, key, diagnostics)
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return _family.transformation("rst", opts, init_fn, step)
 
 
 class AESAMState(NamedTuple):
@@ -585,20 +555,14 @@ def aesam(
         zero = jnp.zeros([], jnp.float32)
         return AESAMState(count, key, zero, zero, diagnostics)
 
-    def update_fn(
-        updates, state, params=None, *, value_fn=None, grouped_objective=None, value=None, **extra
-    ):
-        del extra
-        call = _family.prepare_call(
-            opts, updates, params, value_fn, grouped_objective, value, "aesam"
-        )
-        q = _axes.pmean(_family.norm(jax.tree.leaves(updates)) ** 2, opts.axes)
+    def step(call: Call, state: AESAMState) -> tuple[Any, AESAMState]:
+        q = _axes.pmean(_family.norm(jax.tree.leaves(call.updates)) ** 2, opts.axes)
         first = state.count == 0
         mean = jnp.where(first, q, decay * state.mean + (1 - decay) * q)
         variance = jnp.where(first, 0.0, decay * state.variance + (1 - decay) * (q - mean) ** 2)
         count, key = _advance(state)
-        if _rho_is_zero(rho) or not call.sel.indices:
-            out, diagnostics = _base_branch(call, opts)
+        if _family.skips_perturbation(rho, call):
+            out, diagnostics = _family.base_step(call, opts)
         else:
             c = _family.schedule_value(threshold, state.count)
             take = q >= mean + c * jnp.sqrt(variance)
@@ -606,7 +570,7 @@ def aesam(
             out, diagnostics = _switch(call, opts, rho_t, take, _random_key(opts, state.key))
         return out, AESAMState(count, key, mean, variance, diagnostics)
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return _family.transformation("aesam", opts, init_fn, step)
 
 
 # --------------------------------------------------------------------------
@@ -665,21 +629,12 @@ def fsam(
 
     def init_fn(params: Any) -> FSAMState:
         count, key, diagnostics = _fresh(opts)
-        average = jax.tree.map(
-            lambda w: jnp.zeros_like(w, jnp.promote_types(w.dtype, jnp.float32)), params
-        )
-        return FSAMState(count, key, average, diagnostics)
+        return FSAMState(count, key, _zeros_f32(params), diagnostics)
 
-    def update_fn(
-        updates, state, params=None, *, value_fn=None, grouped_objective=None, value=None, **extra
-    ):
-        del extra
-        call = _family.prepare_call(
-            opts, updates, params, value_fn, grouped_objective, value, "fsam"
-        )
+    def step(call: Call, state: FSAMState) -> tuple[Any, FSAMState]:
         count, key = _advance(state)
         first = state.count == 0
-        mean_grad = _axes.pmean(updates, opts.axes)
+        mean_grad = _axes.pmean(call.updates, opts.axes)
         average = jax.tree.map(
             lambda m, g: jnp.where(
                 first, g.astype(m.dtype), decay * m + (1 - decay) * g.astype(m.dtype)
@@ -687,8 +642,8 @@ def fsam(
             state.average,
             mean_grad,
         )
-        if _rho_is_zero(rho) or not call.sel.indices:
-            out, diagnostics = _base_branch(call, opts)
+        if _family.skips_perturbation(rho, call):
+            out, diagnostics = _family.base_step(call, opts)
             return out, FSAMState(count, key, average, diagnostics)
         directions = [_friendly(g, state.average, sigma, first) for g in call.objective.grads]
         rho_t = _family.schedule_value(rho, state.count)
@@ -698,7 +653,7 @@ def fsam(
         diagnostics = _family.measure(call, opts, local, info, True)
         return _family.finish(call, opts, local), FSAMState(count, key, average, diagnostics)
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return _family.transformation("fsam", opts, init_fn, step)
 
 
 def _friendly(g: Any, average: Any, sigma: Any, first: jax.Array) -> Any:
