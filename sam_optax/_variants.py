@@ -525,7 +525,8 @@ def aesam(
 
     With :math:`q_t = \|g_t\|^2` (the incoming gradient, free), running
     statistics :math:`\mu_t = \delta\mu_{t-1} + (1-\delta) q_t` and
-    :math:`\sigma^2_t = \delta\sigma^2_{t-1} + (1-\delta)(q_t - \mu_t)^2`
+    :math:`\sigma^2_t = \delta\sigma^2_{t-1} + \delta(1-\delta)(q_t - \mu_{t-1})^2`
+    (the exponentially weighted variance)
     (:math:`\mu_0 = q_0`, :math:`\sigma_0 = 0`), the step is SAM's when
     :math:`q_t \ge \mu_t + c_t \sigma_t`, the base step otherwise; the
     branch not taken does not run (``lax.cond``). ``threshold`` is
@@ -559,7 +560,9 @@ def aesam(
         q = _axes.pmean(_family.norm(jax.tree.leaves(call.updates)) ** 2, opts.axes)
         first = state.count == 0
         mean = jnp.where(first, q, decay * state.mean + (1 - decay) * q)
-        variance = jnp.where(first, 0.0, decay * state.variance + (1 - decay) * (q - mean) ** 2)
+        variance = jnp.where(
+            first, 0.0, decay * state.variance + decay * (1 - decay) * (q - state.mean) ** 2
+        )
         count, key = _advance(state)
         if _family.skips_perturbation(rho, call):
             out, diagnostics = _family.base_step(call, opts)

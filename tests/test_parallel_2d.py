@@ -32,7 +32,7 @@ def _mesh(shape, names):
 
 def _mlp(rng):
     params = {
-        "w1": rng.normal(size=(6, 16)) * 0.5,
+        "w1": rng.normal(size=(8, 16)) * 0.5,
         "b1": rng.normal(size=16) * 0.1,
         "w2": rng.normal(size=(16, 3)) * 0.5,
     }
@@ -42,7 +42,7 @@ def _mlp(rng):
         h = jnp.tanh(x @ p["w1"] + p["b1"][None, :])
         return jnp.mean((h @ p["w2"] - y) ** 2)
 
-    x, y = rng.normal(size=(32, 6)), rng.normal(size=(32, 3))
+    x, y = rng.normal(size=(32, 8)), rng.normal(size=(32, 3))
     return params, loss, (x, y)
 
 
@@ -88,10 +88,10 @@ TP_BLOCK = {
 
 
 def _fsdp_specs(params, n=4):
-    """FSDP within a replica: every matrix split over 'model' along its first axis that divides."""
+    """FSDP within a replica: every leaf split over 'model' along its first axis that divides."""
     specs = {}
     for k, v in params.items():
-        axes = [i for i, d in enumerate(np.shape(v)) if np.ndim(v) == 2 and d % n == 0]
+        axes = [i for i, d in enumerate(np.shape(v)) if d % n == 0]
         specs[k] = P(*([None] * axes[0]), "model") if axes else P()
     return specs
 

@@ -58,12 +58,19 @@ def _np_sam_grad(prob, w, rho, direction=None):
 # --------------------------------------------------------------------------
 
 
-def test_gsam_matches_the_formula():
+@pytest.mark.parametrize("tied", [False, True], ids=["constant-rho", "rho-from-lr"])
+def test_gsam_matches_the_formula(tied):
     with jax.enable_x64(True):
-        prob, rho, alpha = QuarticProblem(60), 0.2, 0.4
+        prob, alpha = QuarticProblem(60), 0.4
+        if tied:  # a float64 linear decay 0.2 -> 0.05; rho_t = 0.05 + 0.25 (lr_t - 0.05) / 0.15
+            lr = lambda count: 0.2 - 0.0375 * jnp.asarray(count, jnp.float64)  # noqa: E731
+            rho = sam_optax.rho_from_learning_rate(lr, rho_max=0.3, rho_min=0.05, lr_min=0.05)
+            rho_at = [0.05 + 0.25 * (0.2 - 0.0375 * t - 0.05) / 0.15 for t in range(4)]
+        else:
+            rho, rho_at = 0.2, [0.2] * 4
 
         def gsam_grad(t, w):
-            g, gp = prob.np_grad(w), _np_sam_grad(prob, w, rho)
+            g, gp = prob.np_grad(w), _np_sam_grad(prob, w, rho_at[t])
             perp = g - (g @ gp) / (gp @ gp) * gp
             return gp - alpha * perp
 
@@ -142,7 +149,8 @@ def test_switching_variants_take_sam_or_base_steps_by_their_rule(factory):
             if factory == "aesam":  # the rule, written out
                 q = g @ g
                 mean = q if t == 0 else 0.8 * stats["mean"] + 0.2 * q
-                var = 0.0 if t == 0 else 0.8 * stats["var"] + 0.2 * (q - mean) ** 2
+                # the exponentially weighted variance, against the previous mean
+                var = 0.0 if t == 0 else 0.8 * stats["var"] + 0.8 * 0.2 * (q - stats["mean"]) ** 2
                 stats.update(mean=mean, var=var)
                 assert (q >= mean + 0.2 * math.sqrt(var)) == flags[t], t
             return _np_sam_grad(prob, w, rho) if flags[t] else g
@@ -270,13 +278,37 @@ def test_inject_hyperparams_changes_alpha_between_steps():
         )
         assert_trees_close(out_b, ref, rtol=1e-12)
         assert not np.allclose(flat(out_a), flat(ref))
-    for name, kwargs in [("looksam", dict(every=3, alpha=0.5)), ("rst", dict(probability=0.5)),
-                         ("aesam", dict(threshold=0.1)), ("fsam", dict(sigma=0.5)), ("msam", {})]:  # fmt: skip
-        tx = optax.inject_hyperparams(getattr(sam_optax, name))(rho=0.1, **kwargs)
-        prob = QuarticProblem(69)
-        prob.params = jax.tree.map(lambda x: x.astype(jnp.float32), prob.params)
-        params = _run(optax.chain(tx, optax.sgd(LR)), prob, 3)[-1][0]
-        chex.assert_tree_all_finite(params)
+
+
+@pytest.mark.parametrize(
+    "name, first, changed",
+    [
+        ("gsam", dict(rho=0.1, alpha=0.2), dict(alpha=0.6)),
+        ("looksam", dict(rho=0.1, every=3, alpha=0.2), dict(alpha=0.9)),
+        ("msam", dict(rho=0.1), dict(rho=0.4)),
+        ("rst", dict(rho=0.1, probability=1.0), dict(probability=0.0)),
+        ("aesam", dict(rho=0.1, threshold=100.0), dict(threshold=-100.0)),
+        ("fsam", dict(rho=0.1, sigma=0.2), dict(sigma=0.9)),
+    ],
+)
+def test_inject_hyperparams_steps_with_the_values_in_the_state(name, first, changed):
+    # Built with `first`, then the state's hyperparams set to `changed`: the
+    # run equals the factory called with `changed`, and differs from `first`'s.
+    with jax.enable_x64(True):
+        prob, steps = QuarticProblem(69), 5
+        factory = getattr(sam_optax, name)
+        tx = optax.chain(optax.inject_hyperparams(factory)(**first), optax.sgd(LR))
+        state, params = tx.init(prob.params), prob.params
+        for key, v in changed.items():
+            state[0].hyperparams[key] = jnp.asarray(v, state[0].hyperparams[key].dtype)
+        want = _run(optax.chain(factory(**{**first, **changed}), optax.sgd(LR)), prob, steps)
+        for t in range(steps):
+            value, grads = jax.value_and_grad(prob.loss)(params)
+            updates, state = tx.update(grads, state, params, value_fn=prob.loss, value=value)
+            params = optax.apply_updates(params, updates)
+            assert_trees_close(params, want[t][0], rtol=1e-12)
+        before = _run(optax.chain(factory(**first), optax.sgd(LR)), prob, steps)[-1][0]
+        assert not np.allclose(flat(params), flat(before), rtol=1e-9)
 
 
 # --------------------------------------------------------------------------
