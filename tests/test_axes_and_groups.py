@@ -37,6 +37,15 @@ def test_varying_axes_reads_the_jax_internal():
     assert _axes.manual_axes(("data",)) == ()
 
 
+def test_varying_axes_fails_loudly_naming_jax_when_the_internal_moves(monkeypatch):
+    class Moved:  # an abstract type without .mat.varying or .vma
+        pass
+
+    monkeypatch.setattr(jax, "typeof", lambda x: Moved())
+    with pytest.raises(RuntimeError, match=f"jax {jax.__version__} does not provide.*Moved"):
+        _axes.varying_axes(jnp.ones(2))
+
+
 def test_check_bound_names_the_axis():
     with pytest.raises(ValueError, match="'devices'"):
         _axes.check_bound(("devices",))

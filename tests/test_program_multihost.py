@@ -6,6 +6,7 @@ checkpoints are taken by both. The result equals the single-process
 final parameters.
 """
 
+import contextlib
 import json
 import os
 import signal
@@ -119,10 +120,8 @@ def test_two_hosts_equal_one_host_and_resume_after_a_kill(tmp_path):
         time.sleep(0.05)
     procs[1].send_signal(signal.SIGKILL)
     procs[1].wait(timeout=60)
-    try:
+    with contextlib.suppress(subprocess.TimeoutExpired):
         procs[0].communicate(timeout=5)
-    except subprocess.TimeoutExpired:
-        pass
     _kill_all(procs)
     assert not (cut / "summary.json").exists(), "killed too late: the run had finished"
     _wait(_launch(cut, ["--checkpoint-every", "10", "--resume"]))

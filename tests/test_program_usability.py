@@ -131,9 +131,10 @@ def test_diverging_run_stops_with_a_clear_error_and_keeps_the_last_good_checkpoi
     assert not (out / "summary.json").exists()
     kept = restore_final(out)
     assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(kept["params"]))
-    # Every line of metrics.jsonl is strict JSON (no epoch finished, so none).
-    for line in (out / "metrics.jsonl").read_text().splitlines():
-        json.loads(line, parse_constant=lambda c: pytest.fail(f"bare {c} in metrics"))
+    # The diverged epoch is not logged as if it had finished (strict JSON of
+    # the lines that are written: tests/test_faults.py).
+    metrics = out / "metrics.jsonl"
+    assert not metrics.exists() or metrics.read_text().strip() == ""
 
 
 # --------------------------------------------------------------------------
