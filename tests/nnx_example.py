@@ -77,6 +77,16 @@ def sam_train_step(model, optimizer, metrics, batch, rngs):
     optimizer.update(model, grads, value_fn=value_fn)
 
 
+# SAM, the closure alone: nnx_value_fn built before the clean pass (it
+# snapshots the model and the Rngs), the example's own nnx.value_and_grad.
+@nnx.jit
+def sam_train_step_value_fn(model, optimizer, metrics, batch, rngs):
+    value_fn = sam_flax.nnx_value_fn(model, loss_fn, batch, rngs, has_aux=True)
+    (loss, logits), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model, batch, rngs)
+    metrics.update(loss=loss, logits=logits, labels=batch["label"])
+    optimizer.update(model, grads, value_fn=value_fn)
+
+
 # SAM, second way: the library's step inside the user's jit, metrics updated there.
 _sam_step = sam_flax.nnx_train_step(loss_fn, has_aux=True)
 

@@ -157,13 +157,21 @@ def _example(tx):
     return model, nnx.Optimizer(model, tx, wrt=nnx.Param), ex.make_metrics(), nnx.Rngs(dropout=7)
 
 
-@pytest.mark.parametrize("route", ["value_and_grad", "train_step"])
+def _sam_step(ex, route):
+    return {
+        "value_and_grad": ex.sam_train_step,
+        "value_fn": ex.sam_train_step_value_fn,
+        "train_step": ex.sam_train_step_builtin,
+    }[route]
+
+
+@pytest.mark.parametrize("route", ["value_and_grad", "value_fn", "train_step"])
 def test_official_nnx_example_rho_zero_is_its_plain_step_bit_for_bit(route):
     import nnx_example as ex
 
     plain = _example(optax.sgd(0.05, momentum=0.9))
     sam = _example(optax.chain(sam_optax.sam(0.0), optax.sgd(0.05, momentum=0.9)))
-    sam_step = ex.sam_train_step if route == "value_and_grad" else ex.sam_train_step_builtin
+    sam_step = _sam_step(ex, route)
     for t in range(3):
         batch = ex.make_batch(t)
         ex.train_step(*plain[:3], batch, plain[3])
@@ -176,7 +184,7 @@ def test_official_nnx_example_rho_zero_is_its_plain_step_bit_for_bit(route):
     assert int(b["rngs"]["dropout"]["count"]) == 3 * 2  # two dropout layers, three steps
 
 
-@pytest.mark.parametrize("route", ["value_and_grad", "train_step"])
+@pytest.mark.parametrize("route", ["value_and_grad", "value_fn", "train_step"])
 def test_official_nnx_example_sam_uses_the_same_dropout_masks_in_both_passes(route):
     import nnx_example as ex
 
@@ -196,7 +204,7 @@ def test_official_nnx_example_sam_uses_the_same_dropout_masks_in_both_passes(rou
     )
     expected = jax.tree.map(lambda w, d: w - lr * d, params, v)
 
-    step = ex.sam_train_step if route == "value_and_grad" else ex.sam_train_step_builtin
+    step = _sam_step(ex, route)
     step(model, optimizer, metrics, batch, rngs)
     assert_trees_close(nnx.as_pure(nnx.state(model, nnx.Param)), expected, rtol=2e-5, atol=1e-6)
     # BatchNorm statistics and the caller's Rngs: those of the clean pass, advanced once
