@@ -1,4 +1,4 @@
-"""Shared test problems and the one tree-close helper.
+"""Shared test problems, the tree-close helpers and the two-process launch helpers.
 
 Tolerances: exact algebra in float64 at rtol 1e-9 unless a test states
 another, sharded vs single device at 1e-6 (float32) or 1e-9 (float64),
@@ -6,6 +6,9 @@ convergence ~3e-2.
 """
 
 from __future__ import annotations
+
+import socket
+import subprocess
 
 import chex
 import jax
@@ -92,3 +95,34 @@ def np_eps_p(g: np.ndarray, rho: float, p: float) -> np.ndarray:
         return rho * np.sign(g)
     q = p / (p - 1)
     return rho * np.sign(g) * np.abs(g) ** (q - 1) / np.sum(np.abs(g) ** q) ** (1 / p)
+
+
+# --------------------------------------------------------------------------
+# Two real processes on 127.0.0.1 (jax.distributed).
+# --------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (for a jax.distributed coordinator)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_all(procs: list[subprocess.Popen], timeout: float) -> list[str]:
+    """Waits for every process (killing the rest on a timeout); asserts each exited 0.
+
+    Returns their combined stdout/stderr; a failure shows the failing one's.
+    """
+    outputs = []
+    try:
+        for p in procs:
+            outputs.append(p.communicate(timeout=timeout)[0])
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
+    for i, p in enumerate(procs):
+        assert p.returncode == 0, f"process {i} failed:\n{outputs[i] if i < len(outputs) else ''}"
+    return outputs

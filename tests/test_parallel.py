@@ -1,7 +1,6 @@
 """Data parallelism the paper's way: shard_map, pmap, groups on one device, many hosts."""
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +19,8 @@ import sam_optax
 from sam_optax import parallel
 
 from helpers import assert_trees_close
+from helpers import free_port
+from helpers import wait_all
 
 RHO, LR = 0.1, 0.5
 N_DEV = 8
@@ -243,18 +244,12 @@ def test_axis_errors_name_the_axis():
 # --------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 @pytest.mark.multiprocess
 def test_two_processes_equal_one_process_with_eight_devices(tmp_path):
     here = Path(__file__).parent
     out = tmp_path / "params.npz"
-    port = _free_port()
+    port = free_port()
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(here), env.get("PYTHONPATH", "")])
     env.pop("XLA_FLAGS", None)
@@ -269,17 +264,7 @@ def test_two_processes_equal_one_process_with_eight_devices(tmp_path):
         )
         for i in range(2)
     ]
-    outputs = []
-    try:
-        for p in procs:
-            outputs.append(p.communicate(timeout=240)[0])
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.communicate()
-    for i, p in enumerate(procs):
-        assert p.returncode == 0, f"process {i} failed:\n{outputs[i] if i < len(outputs) else ''}"
+    wait_all(procs, timeout=240)
 
     with jax.enable_x64(True):
         mesh = _mesh()

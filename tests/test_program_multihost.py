@@ -10,7 +10,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,20 +24,16 @@ from sam_optax.program.rundir import restore_final
 
 from helpers import assert_trees_close
 from helpers import assert_trees_equal
+from helpers import free_port
+from helpers import wait_all
 
 pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
 
 ARGS = ["train", "--epochs", "2", "--no-progress"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(out, extra=()):
-    port = _free_port()
+    port = free_port()
     env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="4")
     env.pop("XLA_FLAGS", None)
     hosts = ["--coordinator", f"127.0.0.1:{port}", "--num-processes", "2"]
@@ -65,20 +60,6 @@ def _launch(out, extra=()):
     ]
 
 
-def _wait(procs, timeout=300):
-    outputs = []
-    try:
-        for p in procs:
-            outputs.append(p.communicate(timeout=timeout)[0])
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.communicate()
-    for i, p in enumerate(procs):
-        assert p.returncode == 0, f"process {i}:\n{outputs[i] if i < len(outputs) else ''}"
-
-
 def _kill_all(procs):
     for p in procs:
         if p.poll() is None:
@@ -90,7 +71,7 @@ def _kill_all(procs):
 
 def test_two_hosts_equal_one_host_and_resume_after_a_kill(tmp_path):
     two = tmp_path / "two"
-    _wait(_launch(two))
+    wait_all(_launch(two), timeout=300)
     # Process 0 wrote the files, once.
     rows = [json.loads(x) for x in (two / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2]
@@ -124,7 +105,7 @@ def test_two_hosts_equal_one_host_and_resume_after_a_kill(tmp_path):
         procs[0].communicate(timeout=5)
     _kill_all(procs)
     assert not (cut / "summary.json").exists(), "killed too late: the run had finished"
-    _wait(_launch(cut, ["--checkpoint-every", "10", "--resume"]))
+    wait_all(_launch(cut, ["--checkpoint-every", "10", "--resume"]), timeout=300)
     c = restore_final(cut)
     for key in ("params", "opt_state"):
         assert_trees_equal(jax.tree.map(np.asarray, c[key]), jax.tree.map(np.asarray, b[key]))
