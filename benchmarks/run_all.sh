@@ -7,6 +7,7 @@ cd "$(dirname "$0")"
 python -c "import jax; print('devices:', jax.devices())"
 python step_time.py
 python msharpness.py
+python cpu_dispatch.py
 python efficient.py
 python hessian.py
 if [ "${1:-}" = "--small" ]; then python wrn.py --batch 8 --repeats 3; else python wrn.py; fi

@@ -29,6 +29,7 @@ SAM gradients are averaged); for a plain data-parallel baseline use
 
 from __future__ import annotations
 
+import collections
 import functools
 import math
 from collections.abc import Callable
@@ -176,6 +177,7 @@ def _build_step(
     compile_body: Callable[[Callable[..., Any]], Callable[..., Any]],
     shape_batch: Callable[[Any], Any] = lambda batch: batch,
     kind: str,
+    devices: Any = (),
 ) -> Step:
     """``step(params, opt_state, batch, *args, rng=None)`` around one compiled body.
 
@@ -183,7 +185,10 @@ def _build_step(
     per-device body over ``axis_name``; ``jax.jit``/``jax.pmap`` cache the
     compiled program per batch shape, number of extra arguments and presence
     of ``rng``. The batch sizes are checked here first, so a batch that does
-    not split into devices x groups gets a message with the numbers.
+    not split into devices x groups gets a message with the numbers. On
+    several CPU devices of this process (``devices``) a call first waits until
+    fewer than :data:`CPU_STEPS_IN_FLIGHT` earlier steps are unfinished (see
+    :func:`_bounds_steps_in_flight`).
     """
     _groups.check_group_size(group_size)
     names = _axes.axis_names(axis_name)
@@ -194,11 +199,20 @@ def _build_step(
         )
 
     compiled = compile_body(body)
+    # The losses (replicated on every device) of the steps still running.
+    in_flight = collections.deque() if _bounds_steps_in_flight(devices) else None
 
     def step(params, opt_state, batch, *args, rng=None):
         per_device = _groups.shard_size(batch, n_devices, axis_name)
         _groups.groups_per_shard(per_device, group_size, n_devices)
-        return compiled(params, opt_state, shape_batch(batch), tuple(args), rng)
+        while in_flight is not None and len(in_flight) >= CPU_STEPS_IN_FLIGHT:
+            earlier = in_flight.popleft()
+            if not earlier.is_deleted():
+                earlier.block_until_ready()
+        out = compiled(params, opt_state, shape_batch(batch), tuple(args), rng)
+        if in_flight is not None:
+            in_flight.append(out[2])
+        return out
 
     step.__doc__ = f"""Returns ``step(params, opt_state, batch, *args, rng=None)`` ({kind}).
 
@@ -213,6 +227,32 @@ def _build_step(
     their maximum).
     """
     return step
+
+
+def _bounds_steps_in_flight(devices: Any) -> bool:
+    """Whether steps over ``devices`` must be kept at most :data:`CPU_STEPS_IN_FLIGHT` ahead.
+
+    XLA:CPU runs a step's collectives over the devices of one process by a
+    rendezvous of one thread per device, and bounds the computations in
+    flight on each device. A training loop that never reads a value back
+    dispatches steps faster than they run; past that bound a device's launch
+    waits inside the runtime's thread pool, a rendezvous is left one
+    participant short, and XLA aborts the whole process after its termination
+    timeout (40 s). Measured here (jaxlib 0.10.2, 2 cores; 0.10.0 alike): a
+    shard_map or pmap step over 8 CPU devices deadlocked with 40 or more steps
+    dispatched ahead and finished 3000 steps with 2 to 32 ahead
+    (``tests/test_parallel.py::test_long_unsynchronized_loops_on_cpu_devices_finish``
+    fails without this bound). Two steps in flight cost 1-4% against
+    unbounded dispatch (``benchmarks/cpu_dispatch.py``). GPUs and TPUs, and
+    one device, are left to JAX's asynchronous dispatch.
+    """
+    local = [d for d in np.ravel(np.asarray(devices, dtype=object)) if d is not None]
+    local = [d for d in local if d.process_index == jax.process_index()]
+    return len(local) > 1 and all(d.platform == "cpu" for d in local)
+
+
+#: Steps of a multi-device CPU step function allowed in flight at once.
+CPU_STEPS_IN_FLIGHT = 2
 
 
 def shard_map_step(
@@ -308,6 +348,7 @@ def shard_map_step(
         n_devices=math.prod(mesh.shape[n] for n in names),
         compile_body=compile_body,
         kind="shard_map",
+        devices=mesh.devices,
     )
 
 
@@ -371,6 +412,7 @@ def pmap_step(
         compile_body=compile_body,
         shape_batch=per_device,
         kind="pmap",
+        devices=devs,
     )
 
 

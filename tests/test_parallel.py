@@ -240,6 +240,77 @@ def test_axis_errors_name_the_axis():
 
 
 # --------------------------------------------------------------------------
+# XLA:CPU's collectives and steps dispatched far ahead.
+# --------------------------------------------------------------------------
+
+_LONG_LOOP = """
+import sys
+import jax
+jax.config.update("jax_num_cpu_devices", 8)
+import optax
+import sam_optax
+from sam_optax import parallel
+from parallel_problem import loss, make_batch, make_params
+
+mesh = jax.make_mesh((8,), ("data",))
+for kind in ("shard_map", "pmap"):
+    axis = "data" if kind == "shard_map" else "batch"
+    tx = optax.chain(sam_optax.sam(0.01, axis_name=axis), optax.sgd(0.01))
+    params, batch = make_params(), make_batch()
+    if kind == "shard_map":
+        step = parallel.shard_map_step(loss, tx, mesh)
+        params, state = parallel.replicate(params, mesh), parallel.replicate(tx.init(params), mesh)
+        batch = parallel.shard_batch(batch, mesh)
+    else:
+        step = parallel.pmap_step(loss, tx, axis_name=axis)
+        state = tx.init(params)
+    for _ in range(int(sys.argv[1])):  # nothing read back until the end
+        params, state, value = step(params, state, batch)
+    print(kind, "finished", float(value), flush=True)
+"""
+
+
+def test_long_unsynchronized_loops_on_cpu_devices_finish():
+    # Unbounded, 40 or more steps in flight deadlock XLA:CPU's rendezvous and
+    # abort the process (with parallel's bound removed by hand this test
+    # failed 3 runs of 3). Run apart, with a short termination timeout, so
+    # that a regression fails this test instead of killing the session.
+    here = Path(__file__).parent
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(here), env.get("PYTHONPATH", "")])
+    env["XLA_FLAGS"] = "--xla_cpu_collective_call_terminate_timeout_seconds=15"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _LONG_LOOP, "400"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    (out,) = wait_all([proc], timeout=240)
+    assert "shard_map finished" in out and "pmap finished" in out, out
+
+
+def test_cpu_steps_wait_for_the_step_two_back():
+    assert parallel._bounds_steps_in_flight(_mesh().devices)
+    assert not parallel._bounds_steps_in_flight(jax.devices()[:1])
+    assert parallel.CPU_STEPS_IN_FLIGHT == 2
+    mesh = _mesh()
+    tx = _tx()
+    step = parallel.shard_map_step(loss, tx, mesh)
+    params, state = (
+        parallel.replicate(make_params(), mesh),
+        parallel.replicate(tx.init(make_params()), mesh),
+    )
+    batch = parallel.shard_batch(make_batch(), mesh)
+    values = []
+    for _ in range(6):
+        params, state, value = step(params, state, batch)
+        values.append(value)
+        if len(values) > 2:  # the step two back finished before this one was dispatched
+            assert values[-3].is_ready()
+
+
+# --------------------------------------------------------------------------
 # Many hosts: two real processes on 127.0.0.1.
 # --------------------------------------------------------------------------
 
