@@ -50,6 +50,7 @@ from sam_optax._family import GroupedObjective
 from sam_optax._groups import split_groups
 
 __all__ = [
+    "CPU_STEPS_IN_FLIGHT",
     "grouped_step",
     "place",
     "pmap_step",
