@@ -200,7 +200,7 @@ def test_rho_zero_hands_on_the_gradient_unchanged(case, name):
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_strategies_cover_what_they_claim(dtype):
     # A guard on the generator itself: leaves of every rank and the dtype asked for.
-    @settings(max_examples=30, deadline=None)
+    @settings(PROPERTY, max_examples=30)
     @given(case=trees(dtype=dtype))
     def collect(case):
         seen.update(x.ndim for x in jax.tree.leaves(case[1]))
