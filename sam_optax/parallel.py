@@ -247,8 +247,8 @@ def _bounds_steps_in_flight(devices: Any) -> bool:
     unbounded dispatch (``benchmarks/cpu_dispatch.py``). GPUs and TPUs, and
     one device, are left to JAX's asynchronous dispatch.
     """
-    local = [d for d in np.ravel(np.asarray(devices, dtype=object)) if d is not None]
-    local = [d for d in local if d.process_index == jax.process_index()]
+    all_devices = np.ravel(np.asarray(devices, dtype=object))
+    local = [d for d in all_devices if d.process_index == jax.process_index()]
     return len(local) > 1 and all(d.platform == "cpu" for d in local)
 
 
