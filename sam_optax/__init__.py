@@ -1,42 +1,42 @@
 """sam_optax: Sharpness-Aware Minimization (Foret et al., ICLR 2021) for optax."""
 
 from sam_optax import parallel
+from sam_optax._averaged import GradientAverage
+from sam_optax._averaged import fsam
+from sam_optax._averaged import vasso
 from sam_optax._directions import ascent_direction
 from sam_optax._directions import project_to_ball
 from sam_optax._directions import random_direction
+from sam_optax._esam import esam
 from sam_optax._family import Diagnostics
 from sam_optax._family import GroupedObjective
-from sam_optax._sam import SAMState
+from sam_optax._family import SAMOptions
+from sam_optax._family import SAMState
+from sam_optax._gsam import gsam
+from sam_optax._gsam import rho_from_learning_rate
+from sam_optax._looksam import LookSAMMemory
+from sam_optax._looksam import looksam
+from sam_optax._msam import msam
 from sam_optax._sam import sam
-from sam_optax._variants import AESAMState
-from sam_optax._variants import FSAMState
-from sam_optax._variants import GSAMState
-from sam_optax._variants import LookSAMState
-from sam_optax._variants import MSAMState
-from sam_optax._variants import RSTState
-from sam_optax._variants import aesam
-from sam_optax._variants import fsam
-from sam_optax._variants import gsam
-from sam_optax._variants import looksam
-from sam_optax._variants import msam
-from sam_optax._variants import rho_from_learning_rate
-from sam_optax._variants import rst
+from sam_optax._switching import AESAMMemory
+from sam_optax._switching import aesam
+from sam_optax._switching import rst
+from sam_optax._wsam import wsam
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
-    "AESAMState",
+    "AESAMMemory",
     "Diagnostics",
-    "FSAMState",
-    "GSAMState",
+    "GradientAverage",
     "GroupedObjective",
-    "LookSAMState",
-    "MSAMState",
-    "RSTState",
+    "LookSAMMemory",
+    "SAMOptions",
     "SAMState",
     "__version__",
     "aesam",
     "ascent_direction",
+    "esam",
     "fsam",
     "gsam",
     "looksam",
@@ -47,4 +47,6 @@ __all__ = [
     "rho_from_learning_rate",
     "rst",
     "sam",
+    "vasso",
+    "wsam",
 ]

@@ -14,6 +14,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def concrete_float(x: Any) -> float | None:
@@ -24,17 +25,64 @@ def concrete_float(x: Any) -> float | None:
         return None
 
 
-def check_norm(norm: Any) -> Any:
-    """Validates the p of eq. (2); returns a float when concrete, the tracer otherwise."""
-    p = concrete_float(norm)
-    if p is None:
-        return norm
-    if math.isnan(p) or p <= 1:
+def check_norm(norm: Any) -> float:
+    """Validates the p of eq. (2): a concrete number > 1 (``inf`` included), as a float."""
+    p = None if isinstance(norm, (bool, str)) else concrete_float(norm)
+    if p is None and hasattr(norm, "dtype"):
         raise ValueError(
-            f"norm must be a number > 1 (2 is SAM, float('inf') is the sign "
+            "norm must be a static number (it picks the formula), got a traced value; "
+            "pass it as a Python float outside jit."
+        )
+    if p is None or math.isnan(p) or p <= 1:
+        raise ValueError(
+            "norm must be a number > 1 (2 is SAM, float('inf') is the sign "
             f"direction), got norm={norm!r}."
         )
     return p
+
+
+def check_number(
+    name: str,
+    value: Any,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    traced_ok: bool = False,
+    owner: str | None = None,
+) -> Any:
+    """A real number in ``[low, high]``, returned as is (or as a float).
+
+    A traced value passes unchecked when ``traced_ok`` (``optax.inject_hyperparams``
+    injects hyperparameters as arrays under ``jit``); strings, ``None`` and
+    booleans are refused by name.
+    """
+    where = f"{owner}: " if owner else ""
+    if isinstance(value, (bool, str)) or value is None or callable(value):
+        raise ValueError(f"{where}{name} must be a number, got {name}={value!r}.")
+    v = concrete_float(value)
+    if v is None:
+        if traced_ok and hasattr(value, "dtype"):
+            return value
+        raise ValueError(f"{where}{name} must be a number, got {name}={value!r}.")
+    if math.isnan(v) or (low is not None and v < low) or (high is not None and v > high):
+        bounds = (
+            f">= {low:g}" if high is None else
+            f"<= {high:g}" if low is None else f"in [{low:g}, {high:g}]"
+        )  # fmt: skip
+        raise ValueError(f"{where}{name} must be {bounds}, got {name}={value!r}.")
+    return value
+
+
+def check_int(name: str, value: Any) -> int:
+    """A Python or NumPy integer (not a bool), as ``int``."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise ValueError(f"{name} must be an integer, got {name}={value!r}.")
+    return int(value)
+
+
+def check_bool(name: str, value: Any) -> None:
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"{name} must be True or False, got {name}={value!r}.")
 
 
 def check_nonnegative(name: str, value: Any) -> None:
@@ -51,12 +99,10 @@ def check_in_range(name: str, value: Any, low: float, high: float) -> None:
         raise ValueError(f"{name} must be in [{low:g}, {high:g}], got {name}={value!r}.")
 
 
-def check_positive_int(name: str, value: Any) -> int | Any:
-    """An integer >= 1 (returned as ``int``), or a tracer passed through."""
-    v = concrete_float(value)
-    if v is None:
-        return value
-    if isinstance(value, bool) or v != int(v) or v < 1:
+def check_positive_int(name: str, value: Any) -> int:
+    """An integer >= 1, returned as ``int``."""
+    v = None if isinstance(value, (bool, str)) else concrete_float(value)
+    if v is None or v != int(v) or v < 1:
         raise ValueError(f"{name} must be an integer >= 1, got {name}={value!r}.")
     return int(v)
 
@@ -88,15 +134,26 @@ def check_value_fn(value_fn: Any, owner: str = "sam") -> Callable[..., Any]:
         raise TypeError(
             f"{owner}: update needs the loss closure: call "
             "tx.update(grads, state, params, value_fn=loss_fn) with "
-            "loss_fn(params) -> scalar."
+            "loss_fn(params) -> scalar. If you passed it and a wrapper called "
+            "tx.update for you, that wrapper dropped it: flax's "
+            "TrainState.apply_gradients does (use sam_optax.flax.SAMTrainState, "
+            "or sam_optax.flax.linen_train_step / nnx_train_step), and so do "
+            "optax.MultiSteps(...).gradient_transformation() and optax.lookahead "
+            "(call optax.MultiSteps(...).update, or put sam inside the fast optimizer)."
         )
     if not callable(value_fn):
         raise TypeError(f"{owner}: value_fn must be callable, got {type(value_fn).__name__}.")
     return value_fn
 
 
-def checked_loss(fn: Callable[..., Any], has_aux: bool, name: str, owner: str = "sam"):
-    """Wraps a loss closure: trace-time checks of what it returns; returns the loss alone."""
+def checked_loss(
+    fn: Callable[..., Any], has_aux: bool, name: str, owner: str = "sam", per_example: bool = False
+):
+    """Wraps a loss closure: trace-time checks of what it returns; returns the loss alone.
+
+    With ``per_example`` the closure returns one loss per example (a vector).
+    """
+    what = "a vector of per-example losses" if per_example else "a scalar loss"
 
     def loss(arg: Any) -> jax.Array:
         out = fn(arg)
@@ -110,12 +167,17 @@ def checked_loss(fn: Callable[..., Any], has_aux: bool, name: str, owner: str = 
         elif isinstance(out, (tuple, list)):
             raise TypeError(
                 f"{owner}: {name} returned a {type(out).__name__}; it must "
-                "return a scalar loss. If it returns (loss, aux), pass "
+                f"return {what}. If it returns (loss, aux), pass "
                 f"has_aux=True to {owner}."
             )
-        if jnp.shape(out) != ():
+        if not isinstance(out, jax.Array):
             raise TypeError(
-                f"{owner}: {name} must return a scalar loss, got an array of shape "
+                f"{owner}: {name} must return {what} as a JAX array computed from "
+                f"its params argument, got {type(out).__name__} {out!r}."
+            )
+        if jnp.ndim(out) != (1 if per_example else 0):
+            raise TypeError(
+                f"{owner}: {name} must return {what}, got an array of shape "
                 f"{jnp.shape(out)}."
             )
         return out

@@ -33,10 +33,9 @@ from sam_optax._checks import check_norm
 
 __all__ = ["ascent_direction", "project_to_ball", "random_direction"]
 
-# A norm is either a static Python float (2.0, 3.0, inf, ...) or a traced
-# scalar (when ``optax.inject_hyperparams`` injects it). Static 2 and inf take
-# the closed forms; everything else takes the general eq. (2) path.
-Norm = Any
+# A norm is a static Python float (2.0, 3.0, inf, ...): 2 and inf take the
+# closed forms, everything else the general eq. (2) path.
+Norm = float
 Mask = Any
 
 
@@ -79,12 +78,11 @@ def _abs_max(leaves: Sequence[jax.Array]) -> jax.Array:
 
 
 def _is(p: Norm, value: float) -> bool:
-    """Whether ``p`` is the static number ``value``."""
-    return isinstance(p, float) and p == value
+    return float(p) == value
 
 
-def _conjugate_exponent(p: Norm) -> Any:
-    """q with ``1/p + 1/q = 1``, valid for p = inf and for traced p."""
+def _conjugate_exponent(p: Norm) -> float:
+    """q with ``1/p + 1/q = 1`` (p = inf gives 1)."""
     return 1.0 / (1.0 - 1.0 / p)
 
 
@@ -98,10 +96,7 @@ def p_norm(tree: Any, p: Norm) -> jax.Array:
         return m
     safe_m = jnp.where(m > 0, m, 1.0)
     s = _sum([jnp.sum(_safe_pow(jnp.abs(x) / safe_m, p)) for x in leaves])
-    total = m * _safe_pow(s, 1.0 / p)
-    if isinstance(p, float):
-        return total
-    return jnp.where(jnp.isinf(p), m, total)
+    return m * _safe_pow(s, 1.0 / p)
 
 
 def dual_unit(tree: Any, p: Norm, eps: Any) -> Any:
@@ -156,12 +151,7 @@ def project(tree: Any, p: Norm, radius: Any) -> Any:
         return jax.tree.map(lambda x: _clip_magnitude(x, radius), tree)
     n = p_norm(tree, p)
     factor = jnp.where(n > radius, radius / jnp.where(n > 0, n, 1.0), 1.0)
-    out = jax.tree.map(lambda x: x * factor, tree)
-    if isinstance(p, float):
-        return out
-    return jax.tree.map(
-        lambda x, o: jnp.where(jnp.isinf(p), _clip_magnitude(x, radius), o), tree, out
-    )
+    return jax.tree.map(lambda x: x * factor, tree)
 
 
 def adaptive_scale(params: Any, eta: Any) -> Any:

@@ -1,10 +1,26 @@
-"""What every factory of the SAM family shares: options, one update call, diagnostics.
+"""What every method of the SAM family shares: its options, its update contract, one step.
 
-A factory (``sam``, ``gsam``, ``looksam``, ...) validates its options once
-(:func:`make_options`); each ``update`` turns its arguments into a checked
-:class:`Call` (:func:`prepare_call`), takes the SAM branch with
-:func:`sam_update` where it needs one, averages over the data-parallel axes
-with :func:`finish` and records :class:`Diagnostics` with :func:`measure`.
+Every factory (``sam``, ``gsam``, ``looksam``, ...) is one call of
+:func:`transformation` with the method's own *rule*. The shared part, written
+once here, is the whole opening of a step:
+
+* the options, declared once as :class:`SAMOptions` and validated at
+  construction (:func:`options_from`);
+* the update contract: ``update(grads, state, params, *, value_fn=None,
+  grouped_objective=None, value=None, **extra_args)``, its arguments checked
+  into a :class:`Call`;
+* the step count and the PRNG key in one state, :class:`SAMState`, whose
+  ``memory`` field holds what a method carries between steps;
+* the radius: a constant ``rho = 0`` (or nothing selected by the mask) is the
+  base step at trace time; a schedule is evaluated at the step count, and a
+  traced radius of 0 hands on the base step bit for bit;
+* the pieces a rule is made of: the SAM gradient (:func:`sam_gradient`), the
+  average over the data-parallel axes (:func:`finish`), the base step
+  (:func:`base_step`) and the :class:`Diagnostics` (:func:`measure`).
+
+A rule is ``rule(step, memory) -> (updates, memory, diagnostics)`` where
+``step`` is a :class:`Step`: the checked call, the options, this step's
+radius, count and key.
 """
 
 from __future__ import annotations
@@ -12,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from collections.abc import Hashable
+from collections.abc import Mapping
 from collections.abc import Sequence
 from typing import Any
 from typing import NamedTuple
@@ -24,118 +41,165 @@ from sam_optax import _axes
 from sam_optax import _checks
 from sam_optax._directions import Selection
 from sam_optax._directions import select
-from sam_optax._stages import Ascent
 from sam_optax._stages import Info
 from sam_optax._stages import Objective
-from sam_optax._stages import sam_gradient
+from sam_optax._stages import sam_gradient as _stages_sam_gradient
 
 DIRECTIONS = ("gradient", "random")
 
-
-class GroupedObjective(NamedTuple):
-    """m-sharpness on one device: several groups, one perturbation each.
-
-    Pass it to ``tx.update(..., grouped_objective=GroupedObjective(...))`` in
-    place of ``value_fn``. With ``G`` groups of the batch, group ``i`` gets its
-    own :math:`\\hat\\epsilon_i` from its own gradient, and the SAM gradient is
-    the mean over groups of :math:`\\nabla L_i(w + \\hat\\epsilon_i)`. All the
-    groups are differentiated in one call of ``value_fn``, each against its own
-    copy of the params, so no batched weights appear (that is what makes it as
-    fast as one plain SAM step; see ``benchmarks/msharpness.py``).
-    :func:`sam_optax.parallel.grouped_step` builds one for you.
-
-    Attributes:
-      value_fn: ``(params_0, ..., params_{G-1}) -> mean_i L_i(params_i)`` (a
-        tuple of G param trees in; a scalar, or ``(scalar, aux)`` with
-        ``has_aux=True``, out).
-      grads: the G gradients ``grads[i] = grad L_i(params)``, each a tree like
-        the params (the ascent directions; computing them is the caller's
-        first pass).
-    """
-
-    value_fn: Callable[[tuple[Any, ...]], Any]
-    grads: Sequence[Any]
+# Constants folded into a step's key, one per use, so that the uses never share numbers.
+DRAW, DIRECTION, SUBSET = 0, 1, 2
 
 
-class Diagnostics(NamedTuple):
-    """Scalars every factory records in its state, free (no extra pass, nothing params-sized).
+# --------------------------------------------------------------------------
+# The options, declared once.
+# --------------------------------------------------------------------------
 
-    Read them with ``optax.tree.get(opt_state, "sharpness")`` and so on.
-    Averaged over the data-parallel axes. ``NaN`` means "not measured at
-    this step" (no SAM branch taken, or no clean ``value`` passed).
+
+@dataclasses.dataclass(frozen=True, kw_only=True, eq=False)
+class SAMOptions:
+    r"""How every method of the family perturbs and averages: the options they share.
+
+    Each factory takes these as keyword arguments
+    (``sam_optax.gsam(0.05, adaptive=True, axis_name="data")``) or as one
+    object, ``options=SAMOptions(...)`` (how ``optax.inject_hyperparams``
+    passes them: the options stay static, only the method's own
+    hyperparameters such as ``rho`` are injected). A factory refuses the
+    options its rule does not use, by name. Validated at construction: a bad
+    value raises a ``ValueError`` naming the option.
 
     Attributes:
-      sharpness: :math:`L(w + \\epsilon) - L(w)`, the first-order sharpness
-        estimate; needs the clean loss passed as ``tx.update(..., value=loss)``.
-      perturbed_loss: :math:`L(w + \\epsilon)`, computed by the SAM pass anyway.
-      grad_norm: :math:`\\|g\\|` of the incoming (clean) gradient.
-      cosine: :math:`\\cos(g, g_{SAM})` between the clean gradient and the
-        gradient handed on.
-      sam_step: whether this step took the SAM branch (always for ``sam``).
+      norm: p of the perturbation ball of eq. (2), a number > 1; ``2`` is
+        SAM, ``float('inf')`` the sign direction.
+      adaptive: ASAM's scale-invariant ball, :math:`T_w = |w| + \eta`,
+        :math:`\hat\epsilon = \rho T_w\,d_p(T_w g)`.
+      eta: ASAM's :math:`\eta`.
+      ascent_steps: k >= 1 steps of projected gradient ascent (appendix C.6);
+        each step after the first costs one more gradient.
+      second_order: keep the :math:`(d\hat\epsilon/dw)^\top` term of the
+        SAM gradient (appendix C.4), through one Hessian-vector product.
+      mask: which leaves are perturbed: a pytree of bools (or of boolean
+        arrays; a prefix of the params is fine) or a callable
+        ``params -> mask``; the others are not perturbed and do not enter the
+        norm (SAM-ON: :func:`sam_optax.normalization_mask`).
+      axis_name: the mapped axis (or tuple of axes) of data parallelism; each
+        device perturbs with its own gradient and the results are averaged.
+      sync_perturbation: average the incoming gradients over ``axis_name``
+        before perturbing (one perturbation for the whole batch); a name or
+        tuple of names among ``axis_name`` syncs over those axes only (the
+        paper code's ``inner_group_size``).
+      eps: added to the gradient's dual norm: a zero gradient gives a zero
+        perturbation, never NaN.
+      has_aux: ``value_fn`` returns ``(loss, aux)``; ``aux`` is dropped.
+      direction: ``'gradient'`` (SAM) or ``'random'`` (the ablation of
+        appendix C.5: a Gaussian direction of norm :math:`\rho`).
+      seed: seed of every random draw of the method (random directions,
+        RST's coin, ESAM's weight subsets).
+      cosine: record :math:`\cos(g, g_{SAM})` in the diagnostics where the
+        method does not hold :math:`g` to the end of its step anyway. Off
+        by default: it keeps the clean gradient alive through the second
+        pass, one more params-sized buffer (``benchmarks/memory.py``).
     """
 
-    sharpness: jax.Array
-    perturbed_loss: jax.Array
-    grad_norm: jax.Array
-    cosine: jax.Array
-    sam_step: jax.Array
+    norm: float = 2.0
+    adaptive: bool = False
+    eta: float = 0.01
+    ascent_steps: int = 1
+    second_order: bool = False
+    mask: Any = None
+    axis_name: Hashable | tuple[Hashable, ...] | None = None
+    sync_perturbation: bool | Hashable | tuple[Hashable, ...] = False
+    eps: float = 1e-12
+    has_aux: bool = False
+    direction: str = "gradient"
+    seed: int = 0
+    cosine: bool = False
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__
+        set_(self, "norm", _checks.check_norm(self.norm))
+        set_(self, "eta", _checks.check_number("eta", self.eta, low=0.0))
+        set_(self, "eps", _checks.check_number("eps", self.eps, low=0.0))
+        set_(self, "ascent_steps", _checks.check_positive_int("ascent_steps", self.ascent_steps))
+        set_(self, "seed", _checks.check_int("seed", self.seed))
+        for name in ("adaptive", "second_order", "has_aux", "cosine"):
+            _checks.check_bool(name, getattr(self, name))
+        _checks.check_choice("direction", self.direction, DIRECTIONS)
+        if self.second_order and self.ascent_steps != 1:
+            raise ValueError(
+                "second_order=True supports ascent_steps=1 only (appendix C.4), got "
+                f"ascent_steps={self.ascent_steps}."
+            )
+        if self.direction == "random" and (self.second_order or self.ascent_steps != 1):
+            raise ValueError("direction='random' takes neither second_order=True nor ascent_steps > 1.")
+        if self.mask is not None and not callable(self.mask) and not jax.tree.leaves(self.mask):
+            raise ValueError(f"mask must be a pytree of bools or a callable, got {self.mask!r}.")
+        sync_axes(self.sync_perturbation, self.axes)  # validates
+
+    @property
+    def axes(self) -> tuple[Hashable, ...]:
+        """The data-parallel axes, as a tuple (``()`` on one device)."""
+        return _axes.axis_names(self.axis_name)
+
+    @property
+    def sync_axes(self) -> tuple[Hashable, ...] | None:
+        """The axes the perturbation is shared over (``None``: each device its own)."""
+        return sync_axes(self.sync_perturbation, self.axes)
+
+    @property
+    def draws(self) -> bool:
+        """Whether the perturbation itself is random."""
+        return self.direction == "random"
+
+    def replace(self, **changes: Any) -> SAMOptions:
+        return dataclasses.replace(self, **changes)
 
 
-def initial_diagnostics() -> Diagnostics:
-    nan = jnp.full([], jnp.nan, jnp.float32)
-    return Diagnostics(nan, nan, nan, nan, jnp.zeros([], jnp.bool_))
+OPTION_NAMES = tuple(f.name for f in dataclasses.fields(SAMOptions))
+# The options about where the perturbation comes from: a method whose direction
+# is its own (MSAM's momentum, ...) refuses them.
+GRADIENT_OPTIONS = ("adaptive", "eta", "ascent_steps", "second_order", "direction", "sync_perturbation")
 
 
-@dataclasses.dataclass(frozen=True)
-class Options:
-    """The perturbation options a factory shares with ``sam``, validated."""
+def options_from(
+    owner: str, given: Mapping[str, Any], refused: Sequence[str] = ()
+) -> SAMOptions:
+    """The :class:`SAMOptions` of a factory's ``**options``; unknown or refused names raise.
 
-    ascent: Ascent
-    axis_name: Any
-    axes: tuple[Hashable, ...]
-    sync_axes: tuple[Hashable, ...] | None
-    has_aux: bool
-    seed: int
-
-
-def make_options(
-    *,
-    norm: Any = 2,
-    adaptive: bool = False,
-    eta: Any = 0.01,
-    ascent_steps: Any = 1,
-    second_order: bool = False,
-    mask: Any = None,
-    axis_name: Any = None,
-    sync_perturbation: bool | Hashable | tuple[Hashable, ...] = False,
-    eps: Any = 1e-12,
-    has_aux: bool = False,
-    direction: str = "gradient",
-    seed: int = 0,
-) -> Options:
-    """Validates ``sam``'s perturbation arguments (concrete values only) into :class:`Options`."""
-    norm = _checks.check_norm(norm)
-    steps = _checks.check_positive_int("ascent_steps", ascent_steps)
-    _checks.check_nonnegative("eta", eta)
-    _checks.check_nonnegative("eps", eps)
-    _checks.check_choice("direction", direction, DIRECTIONS)
-    if (second_order or direction == "random") and not isinstance(steps, int):
-        raise ValueError(
-            "second_order=True and direction='random' need a concrete "
-            "ascent_steps=1; with optax.inject_hyperparams pass "
-            "static_args=('ascent_steps',)."
+    ``given`` holds keyword options, or one ``options=`` (a
+    :class:`SAMOptions` or a mapping of its fields) that the keywords
+    override; ``optax.inject_hyperparams`` passes them that way. ``refused``
+    lists the options the method does not use.
+    """
+    given = dict(given)
+    base = given.pop("options", None)
+    if base is None:
+        base = SAMOptions()
+    elif isinstance(base, Mapping):
+        base = options_from(owner, base, refused)
+    elif not isinstance(base, SAMOptions):
+        raise TypeError(
+            f"{owner}: options must be a sam_optax.SAMOptions or a mapping of its fields, "
+            f"got {type(base).__name__}."
         )
-    if second_order and steps != 1:
-        raise ValueError(
-            f"second_order=True supports ascent_steps=1 only (appendix C.4), got ascent_steps={steps}."
+    unknown = sorted(set(given) - set(OPTION_NAMES))
+    if unknown:
+        raise TypeError(
+            f"{owner}() got unknown option(s) {', '.join(unknown)}; its options are "
+            f"{', '.join(n for n in OPTION_NAMES if n not in refused)} (see sam_optax.SAMOptions)."
         )
-    if direction == "random" and (second_order or steps != 1):
-        raise ValueError("direction='random' takes neither second_order=True nor ascent_steps > 1.")
-    if mask is not None and not callable(mask) and not jax.tree.leaves(mask):
-        raise ValueError(f"mask must be a pytree of bools or a callable, got {mask!r}.")
-    ascent = Ascent(norm, adaptive, eta, steps, second_order, mask, direction, eps)
-    axes = _axes.axis_names(axis_name)
-    return Options(ascent, axis_name, axes, sync_axes(sync_perturbation, axes), has_aux, seed)
+    default = SAMOptions()
+    used = [n for n in refused if _differs(given.get(n, getattr(base, n)), getattr(default, n))]
+    if used:
+        raise TypeError(
+            f"{owner} does not take the option(s) {', '.join(used)}: its perturbation "
+            "does not come from the gradient the way sam's does (see its docstring)."
+        )
+    return base.replace(**given) if given else base
+
+
+def _differs(value: Any, default: Any) -> bool:
+    return value is not default and value != default
 
 
 def sync_axes(sync_perturbation: Any, axes: tuple[Hashable, ...]) -> tuple[Hashable, ...] | None:
@@ -165,6 +229,84 @@ def sync_axes(sync_perturbation: Any, axes: tuple[Hashable, ...]) -> tuple[Hasha
 
 
 # --------------------------------------------------------------------------
+# What a step hands on and records.
+# --------------------------------------------------------------------------
+
+
+class GroupedObjective(NamedTuple):
+    """m-sharpness on one device: several groups, one perturbation each.
+
+    Pass it to ``tx.update(..., grouped_objective=GroupedObjective(...))`` in
+    place of ``value_fn``. With ``G`` groups of the batch, group ``i`` gets its
+    own :math:`\\hat\\epsilon_i` from its own gradient, and the SAM gradient is
+    the mean over groups of :math:`\\nabla L_i(w + \\hat\\epsilon_i)`.
+    :func:`sam_optax.parallel.grouped_step` builds one for you.
+
+    Attributes:
+      value_fn: ``(params_0, ..., params_{G-1}) -> mean_i L_i(params_i)`` (a
+        tuple of G param trees in; a scalar, or ``(scalar, aux)`` with
+        ``has_aux=True``, out).
+      grads: the G gradients ``grads[i] = grad L_i(params)``, each a tree like
+        the params (the ascent directions; computing them is the caller's
+        first pass).
+    """
+
+    value_fn: Callable[[tuple[Any, ...]], Any]
+    grads: Sequence[Any]
+
+
+class Diagnostics(NamedTuple):
+    """Scalars every method records in its state, free in passes and memory.
+
+    Read them with ``optax.tree.get(opt_state, "sharpness")`` and so on.
+    Averaged over the data-parallel axes. ``NaN`` means "not measured at
+    this step" (no SAM branch taken, no clean ``value`` passed, or the cosine
+    not asked for).
+
+    Attributes:
+      sharpness: :math:`L(w + \\epsilon) - L(w)`, the first-order sharpness
+        estimate; needs the clean loss passed as ``tx.update(..., value=loss)``.
+      perturbed_loss: :math:`L(w + \\epsilon)`, computed by the SAM pass anyway.
+      grad_norm: :math:`\\|g\\|` of the incoming (clean) gradient.
+      cosine: :math:`\\cos(g, g_{SAM})` between the clean gradient and the
+        gradient at the perturbed point, where the method holds both anyway
+        (GSAM, LookSAM's SAM steps, WSAM) or ``cosine=True`` asks for it.
+      sam_step: whether this step took the SAM branch (always for ``sam``).
+    """
+
+    sharpness: jax.Array
+    perturbed_loss: jax.Array
+    grad_norm: jax.Array
+    cosine: jax.Array
+    sam_step: jax.Array
+
+
+def initial_diagnostics() -> Diagnostics:
+    nan = jnp.full([], jnp.nan, jnp.float32)
+    return Diagnostics(nan, nan, nan, nan, jnp.zeros([], jnp.bool_))
+
+
+class SAMState(NamedTuple):
+    """The state of every method of the family: no copy of the params unless the method stores one.
+
+    Attributes:
+      count: number of updates taken (indexes the schedules), int32.
+      key: raw ``uint32`` PRNG key data when the method draws (random
+        directions, RST, ESAM), else ``None``.
+      diagnostics: the last step's :class:`~sam_optax.Diagnostics` (scalars).
+      memory: what the method carries from step to step (``None`` for
+        ``sam``, ``gsam`` and ``rst``; LookSAM's direction, F-SAM's and
+        VaSSO's running means, AE-SAM's statistics, MSAM's and WSAM's base
+        optimizer state).
+    """
+
+    count: jax.Array
+    key: jax.Array | None
+    diagnostics: Diagnostics
+    memory: Any = None
+
+
+# --------------------------------------------------------------------------
 # One update call.
 # --------------------------------------------------------------------------
 
@@ -177,6 +319,19 @@ class Call(NamedTuple):
     updates: Any
     sel: Selection
     value: jax.Array | None
+    extra_args: dict[str, Any]
+
+
+def _check_not_masked(tree: Any, name: str, owner: str) -> None:
+    """Refuses ``optax.MaskedNode`` leaves: ``optax.masked`` hides leaves from the closure."""
+    nodes = jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, optax.MaskedNode))
+    if any(isinstance(x, optax.MaskedNode) for x in nodes):
+        raise ValueError(
+            f"{owner}: {name} hold optax.MaskedNode leaves: {owner} runs inside "
+            "optax.masked, which hides the masked-out params from the loss closure. "
+            f"Give the mask to {owner} itself instead: {owner}(..., mask=mask) perturbs "
+            "only the True leaves and hands the others their clean gradient."
+        )
 
 
 def objective_from_args(
@@ -186,6 +341,7 @@ def objective_from_args(
     grouped_objective: GroupedObjective | None,
     has_aux: bool,
     owner: str = "sam",
+    per_example: bool = False,
 ) -> Objective:
     """The :class:`Objective` of one ``tx.update`` call, its inputs checked.
 
@@ -198,13 +354,19 @@ def objective_from_args(
         raise ValueError(
             f"{owner}: update needs params (tx.update(grads, state, params, value_fn=...))."
         )
+    _check_not_masked(params, "params", owner)
     _checks.check_tree_matches(updates, params, "updates", owner)
     if grouped_objective is None:
         user_fn = _checks.check_value_fn(value_fn, owner)
-        loss = _checks.checked_loss(user_fn, has_aux, "value_fn", owner)
+        loss = _checks.checked_loss(user_fn, has_aux, "value_fn", owner, per_example)
         return Objective(loss=lambda points: loss(points[0]), grads=[updates])
     if not isinstance(grouped_objective, GroupedObjective):
         raise TypeError(f"{owner}: grouped_objective must be a sam_optax.GroupedObjective.")
+    if per_example:
+        raise ValueError(
+            f"{owner} takes per-example losses through value_fn; it does not take a "
+            "grouped_objective (m-sharpness groups): split the batch over devices instead."
+        )
     grads = list(grouped_objective.grads)
     if not grads:
         raise ValueError(f"{owner}: grouped_objective.grads is empty.")
@@ -217,24 +379,55 @@ def objective_from_args(
 
 
 def prepare_call(
-    options: Options,
+    options: SAMOptions,
     updates: Any,
     params: Any,
     value_fn: Any,
     grouped_objective: Any,
     value: Any,
+    extra_args: dict[str, Any],
     owner: str = "sam",
+    per_example: bool = False,
 ) -> Call:
     """Checks one call's arguments and the mapped axes; selects the perturbed leaves."""
     objective = objective_from_args(
-        updates, params, value_fn, grouped_objective, options.has_aux, owner
+        updates, params, value_fn, grouped_objective, options.has_aux, owner, per_example
     )
     _axes.check_bound(options.axes, owner)
-    sel = select(params, options.ascent.mask, *objective.grads)
-    return Call(objective, params, updates, sel, value)
+    sel = select(params, options.mask, *objective.grads)
+    return Call(objective, params, updates, sel, value, extra_args)
 
 
-def check_local_gradients(call: Call, options: Options, manual: tuple[Hashable, ...]) -> None:
+# --------------------------------------------------------------------------
+# One step: what a rule gets, and the pieces it is made of.
+# --------------------------------------------------------------------------
+
+
+class Step(NamedTuple):
+    """What a method's rule gets at each update.
+
+    Attributes:
+      call: the checked arguments of the update.
+      options: the method's :class:`SAMOptions`.
+      owner: the factory's name (for error messages).
+      rho: this step's radius (a schedule already evaluated).
+      count: the number of updates taken before this one.
+      key: this step's PRNG key (typed) when the method draws, else ``None``;
+        fold in :data:`DRAW`, :data:`DIRECTION` or :data:`SUBSET` per use.
+    """
+
+    call: Call
+    options: SAMOptions
+    owner: str
+    rho: Any
+    count: jax.Array
+    key: jax.Array | None
+
+
+Rule = Callable[[Step, Any], tuple[Any, Any, Diagnostics]]
+
+
+def check_local_gradients(step: Step, manual: tuple[Hashable, ...]) -> None:
     """Refuses, inside ``shard_map``, a gradient that is the same on every device.
 
     A gradient taken with respect to replicated params inside ``shard_map`` is
@@ -242,6 +435,7 @@ def check_local_gradients(call: Call, options: Options, manual: tuple[Hashable, 
     perturbation would silently become a synced one, with an update
     n_devices times too large.
     """
+    options, call = step.options, step.call
     synced = set(options.sync_axes or ())
     if not manual or synced >= set(manual) or not _axes.vma_checked(manual):
         return
@@ -252,8 +446,8 @@ def check_local_gradients(call: Call, options: Options, manual: tuple[Hashable, 
             if not set(manual) <= _axes.varying_axes(g[i]):
                 which = name if len(leaves) == 1 else f"{name}[{b}]"
                 raise ValueError(
-                    f"sam(axis_name={options.axis_name!r}): the incoming gradient ({which}) "
-                    f"is the same on every device of axis {manual}: it was "
+                    f"{step.owner}(axis_name={options.axis_name!r}): the incoming gradient "
+                    f"({which}) is the same on every device of axis {manual}: it was "
                     "taken with respect to replicated params, and shard_map "
                     "has already summed it over the devices. Differentiate "
                     f"with respect to jax.lax.pcast(params, {manual!r}, "
@@ -262,120 +456,181 @@ def check_local_gradients(call: Call, options: Options, manual: tuple[Hashable, 
                 )
 
 
-def check_no_complex_second_order(call: Call, options: Options) -> None:
-    if not options.ascent.second_order:
+def _check_no_complex_second_order(step: Step) -> None:
+    if not step.options.second_order:
         return
-    leaves = jax.tree.leaves(call.params)
-    for i in call.sel.indices:
+    leaves = jax.tree.leaves(step.call.params)
+    for i in step.call.sel.indices:
         if jnp.iscomplexobj(leaves[i]):
             raise TypeError(
-                f"sam(second_order=True) does not support complex params; leaf {i} "
+                f"{step.owner}(second_order=True) does not support complex params; leaf {i} "
                 f"has dtype {leaves[i].dtype}. Use second_order=False, or mask that leaf out."
             )
 
 
-def sam_update(
-    call: Call,
-    options: Options,
-    rho: Any,
-    key: jax.Array | None = None,
-    directions: Sequence[Any] | None = None,
+def sam_gradient(
+    step: Step, directions: Sequence[Any] | None = None
 ) -> tuple[list[jax.Array], Info]:
-    """The local (per-device) SAM gradient of the call, all leaves, in the compute dtype."""
-    check_local_gradients(call, options, _axes.manual_axes(options.axes))
-    check_no_complex_second_order(call, options)
-    return sam_gradient(
-        call.objective,
-        call.params,
-        call.sel,
-        rho,
-        options.ascent,
-        axes=options.axes,
-        sync_axes=options.sync_axes,
+    """The local (per-device) SAM gradient of the step, all leaves, in the compute dtype.
+
+    ``directions`` (one tree per group) replaces the gradients the
+    perturbation is taken from (F-SAM's :math:`g - \\sigma m`, VaSSO's
+    running mean).
+    """
+    check_local_gradients(step, _axes.manual_axes(step.options.axes))
+    _check_no_complex_second_order(step)
+    key = None
+    if step.options.draws:
+        key = jax.random.fold_in(step.key, DIRECTION)
+    return _stages_sam_gradient(
+        step.call.objective,
+        step.call.params,
+        step.call.sel,
+        step.rho,
+        step.options,
+        axes=step.options.axes,
+        sync_axes=step.options.sync_axes,
         key=key,
         directions=directions,
     )
 
 
-def local_gradient(call: Call) -> list[jax.Array]:
-    """The incoming (clean) gradient's leaves, as the caller passed them."""
-    return jax.tree.leaves(call.updates)
+def clean_leaves(step: Step) -> list[jax.Array]:
+    """The incoming (clean, local) gradient's leaves in at least float32."""
+    return float_leaves(step.call.updates)
 
 
-def finish(call: Call, options: Options, local: Sequence[jax.Array]) -> Any:
+def finish(step: Step, local: Sequence[jax.Array]) -> Any:
     """Averages local gradients over the data-parallel axes; each leaf in the updates' dtype."""
-    out = _axes.pmean(list(local), options.axes)
-    like = jax.tree.leaves(call.updates)
-    return jax.tree.unflatten(
-        jax.tree.structure(call.updates), [o.astype(u.dtype) for o, u in zip(out, like)]
+    out = _axes.pmean(list(local), step.options.axes)
+    return optax.tree.cast_like(
+        jax.tree.unflatten(jax.tree.structure(step.call.updates), out), step.call.updates
     )
 
 
-def base_step(call: Call, options: Options) -> tuple[Any, Diagnostics]:
+def base_step(step: Step) -> tuple[Any, Diagnostics]:
     """The base optimizer's step: the clean gradient averaged over the devices.
 
-    What every factory hands on when nothing is perturbed (ρ = 0, no leaf
-    selected) and what the switching variants take on their cheap branch.
+    What every method hands on when nothing is perturbed and what the
+    switching methods take on their cheap branch.
     """
-    return _axes.pmean(call.updates, options.axes), measure(call, options, None, None, False)
+    return _axes.pmean(step.call.updates, step.options.axes), measure(step)
 
 
-def skips_perturbation(rho: Any, call: Call) -> bool:
-    """Whether the step is the base step at trace time: a constant ρ of 0, or no leaf selected."""
-    return (not callable(rho) and _checks.concrete_float(rho) == 0.0) or not call.sel.indices
+def sam_branch(step: Step) -> tuple[Any, Diagnostics]:
+    """The plain SAM step: the averaged SAM gradient and its diagnostics."""
+    local, info = sam_gradient(step)
+    return finish(step, local), measure(step, info, local if step.options.cosine else None)
 
 
-Step = Callable[[Call, Any], tuple[Any, Any]]
+# --------------------------------------------------------------------------
+# The one transformation every factory returns.
+# --------------------------------------------------------------------------
+
+
+def _check_radius(owner: str, rho: Any) -> None:
+    """``rho`` is a number >= 0 or a schedule whose values (sampled) are >= 0."""
+    if callable(rho):
+        for count in (0, 1, 10, 100, 1_000, 10_000, 100_000, 1_000_000):
+            value = _checks.concrete_float(rho(jnp.asarray(count, jnp.int32)))
+            if value is not None and not value >= 0:
+                raise ValueError(
+                    f"{owner}: rho must be >= 0 at every step, but the rho schedule "
+                    f"returns {value} at step {count}."
+                )
+        return
+    _checks.check_number("rho", rho, low=0.0, traced_ok=True)
 
 
 def transformation(
-    owner: str, options: Options, init_fn: Callable[[Any], Any], step: Step
+    owner: str,
+    rho: optax.ScalarOrSchedule,
+    options: SAMOptions,
+    rule: Rule,
+    *,
+    init_memory: Callable[[Any], Any] | None = None,
+    base: Rule | None = None,
+    draws: bool = False,
+    per_example: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
-    """``sam``'s update contract around ``step(call, state) -> (updates, state)``.
+    """The family's ``GradientTransformationExtraArgs`` around one method's ``rule``.
 
-    The update takes ``(grads, state, params, *, value_fn=None,
-    grouped_objective=None, value=None, **extra_args)``, checks them (errors
-    name ``owner``) and hands ``step`` the :class:`Call`; other extra
-    arguments of an optax chain are ignored.
+    Args:
+      owner: the factory's name, for error messages.
+      rho: the radius, a number or a schedule of the step count.
+      options: the validated :class:`SAMOptions`.
+      rule: ``rule(step, memory) -> (updates, memory, diagnostics)``, the method.
+      init_memory: ``params -> memory`` (default ``None``).
+      base: the rule of a step that perturbs nothing (a constant ``rho=0`` or
+        nothing selected); default: the clean gradient averaged, memory kept.
+      draws: the method draws random numbers (a key in the state) even when
+        its perturbation is not random.
+      per_example: ``value_fn`` returns one loss per example (ESAM).
+
+    Returns:
+      ``init(params)`` and ``update(updates, state, params, *, value_fn=None,
+      grouped_objective=None, value=None, **extra_args)``.
     """
+    _check_radius(owner, rho)
+    keyed = draws or options.draws
+    static_rho = None if callable(rho) else _checks.concrete_float(rho)
+
+    def init_fn(params: optax.Params) -> SAMState:
+        key = jax.random.key_data(jax.random.key(options.seed)) if keyed else None
+        memory = None if init_memory is None else init_memory(params)
+        return SAMState(jnp.zeros([], jnp.int32), key, initial_diagnostics(), memory)
 
     def update_fn(
         updates: optax.Updates,
-        state: Any,
+        state: SAMState,
         params: optax.Params | None = None,
         *,
         value_fn: Callable[..., Any] | None = None,
         grouped_objective: GroupedObjective | None = None,
         value: jax.Array | None = None,
         **extra_args: Any,
-    ) -> tuple[optax.Updates, Any]:
-        del extra_args
-        call = prepare_call(options, updates, params, value_fn, grouped_objective, value, owner)
-        return step(call, state)
+    ) -> tuple[optax.Updates, SAMState]:
+        call = prepare_call(
+            options, updates, params, value_fn, grouped_objective, value, extra_args, owner,
+            per_example,
+        )
+        key = None if state.key is None else jax.random.wrap_key_data(state.key)
+        step = Step(call, options, owner, rho, state.count, key)
+        if static_rho == 0.0 or not call.sel.indices:
+            # Nothing is perturbed: the gradient at w + 0 is the gradient at w.
+            out, memory, diagnostics = (base or _keep_memory)(step, state.memory)
+        else:
+            step = step._replace(rho=rho(state.count) if callable(rho) else rho)
+            out, memory, diagnostics = rule(step, state.memory)
+        next_key = None if key is None else jax.random.key_data(jax.random.split(key)[0])
+        return out, SAMState(optax.safe_increment(state.count), next_key, diagnostics, memory)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
+def _keep_memory(step: Step, memory: Any) -> tuple[Any, Any, Diagnostics]:
+    out, diagnostics = base_step(step)
+    return out, memory, diagnostics
+
+
 # --------------------------------------------------------------------------
-# Diagnostics.
+# Tree maths and diagnostics.
 # --------------------------------------------------------------------------
+
+
+def float_leaves(tree: Any) -> list[jax.Array]:
+    """Leaves in at least float32 (complex stays complex)."""
+    return [x.astype(jnp.promote_types(x.dtype, jnp.float32)) for x in jax.tree.leaves(tree)]
 
 
 def inner(a: Sequence[jax.Array], b: Sequence[jax.Array]) -> jax.Array:
-    """:math:`\\mathrm{Re}\\langle a, b\\rangle` over all leaves, in float32 at least."""
-    terms = []
-    for x, y in zip(a, b):
-        dtype = jnp.promote_types(jnp.finfo(jnp.result_type(x, y)).dtype, jnp.float32)
-        terms.append(jnp.real(jnp.vdot(x, y)).astype(dtype))
-    total = terms[0]
-    for t in terms[1:]:
-        total = total + t
-    return total
+    """:math:`\\mathrm{Re}\\langle a, b\\rangle` over all leaves (in the leaves' dtype)."""
+    return jnp.real(optax.tree.vdot(list(a), list(b)))
 
 
 def norm(leaves: Sequence[jax.Array]) -> jax.Array:
-    """Global L2 norm (float32 at least; complex magnitudes)."""
-    return jnp.sqrt(inner(leaves, leaves))
+    """Global L2 norm (complex magnitudes)."""
+    return optax.tree.norm(list(leaves))
 
 
 def cosine(a: Sequence[jax.Array], b: Sequence[jax.Array]) -> jax.Array:
@@ -384,44 +639,57 @@ def cosine(a: Sequence[jax.Array], b: Sequence[jax.Array]) -> jax.Array:
     return jnp.where(denom > 0, inner(a, b) / jnp.where(denom > 0, denom, 1.0), 0.0)
 
 
+def projection_coefficient(x: Sequence[jax.Array], onto: Sequence[jax.Array]) -> jax.Array:
+    r""":math:`\langle x, u\rangle / \|u\|^2` (0 when :math:`u = 0`)."""
+    sq = inner(onto, onto)
+    return jnp.where(sq > 0, inner(x, onto) / jnp.where(sq > 0, sq, 1.0), 0.0)
+
+
 def measure(
-    call: Call,
-    options: Options,
-    handed_on: Sequence[jax.Array] | None,
-    info: Info | None,
-    sam_step: Any,
+    step: Step,
+    info: Info | None = None,
+    handed_on: Sequence[jax.Array] | None = None,
+    sam_step: Any = None,
+    clean: Sequence[jax.Array] | None = None,
 ) -> Diagnostics:
     """The :class:`Diagnostics` of a step, averaged over the data-parallel axes.
 
-    ``handed_on`` is the local gradient handed on (before the average over
-    devices) and ``info`` what the SAM pass learnt; both ``None`` when no SAM
-    pass ran (then only ``grad_norm`` is measured).
+    ``info`` is what the SAM pass learnt (``None`` when no SAM pass ran: then
+    only ``grad_norm`` is measured); the cosine is measured when
+    ``handed_on`` (the local gradient handed on) is given. ``clean``
+    replaces the incoming gradient's leaves (when the method already holds
+    them in float32). ``sam_step`` defaults to whether ``info`` is given.
     """
-    g = local_gradient(call)
+    call, axes = step.call, step.options.axes
+    g = clean_leaves(step) if clean is None else list(clean)
     nan = jnp.full([], jnp.nan, jnp.float32)
     perturbed = nan if info is None else info.perturbed_loss.astype(jnp.float32)
-    cos = nan if handed_on is None else cosine(g, handed_on)
-    clean = nan if call.value is None else jnp.asarray(call.value, jnp.float32)
-    out = Diagnostics(
-        sharpness=perturbed - clean,
-        perturbed_loss=perturbed,
-        grad_norm=norm(g).astype(jnp.float32),
-        cosine=jnp.asarray(cos, jnp.float32),
-        sam_step=jnp.asarray(sam_step, jnp.bool_),
+    cos = nan if handed_on is None else cosine(g, handed_on).astype(jnp.float32)
+    value = nan if call.value is None else jnp.asarray(call.value, jnp.float32)
+    floats = (perturbed - value, perturbed, norm(g).astype(jnp.float32), cos)
+    if axes:
+        floats = _axes.pmean(floats, axes)
+    taken = info is not None if sam_step is None else sam_step
+    return Diagnostics(*floats, jnp.asarray(taken, jnp.bool_))
+
+
+def unit(x: Sequence[jax.Array], eps: Any = 0.0) -> list[jax.Array]:
+    """``x / (||x|| + eps)`` (zero stays zero)."""
+    n = norm(x) + eps
+    return [v / jnp.where(n > 0, n, 1.0) for v in x]
+
+
+def zeros_f32(params: Any) -> Any:
+    """A params-shaped buffer of zeros in at least float32."""
+    return jax.tree.map(
+        lambda w: jnp.zeros_like(w, jnp.promote_types(w.dtype, jnp.float32)), params
     )
-    if not options.axes:
-        return out
-    floats = _axes.pmean(out[:4], options.axes)
-    return Diagnostics(*floats, out.sam_step)
 
 
-def schedule_value(value: optax.ScalarOrSchedule, count: jax.Array) -> Any:
-    """A number, or a schedule evaluated at ``count``."""
-    return value(count) if callable(value) else value
+def check_hyper(owner: str, name: str, value: Any, low: float | None = None, high: float | None = None) -> None:
+    """A method's own hyperparameter: a number in [low, high] or a schedule (concrete values only)."""
+    if callable(value):
+        return
+    _checks.check_number(name, value, low=low, high=high, traced_ok=True, owner=owner)
 
 
-def next_key(key: jax.Array | None) -> jax.Array | None:
-    """Advances a raw ``uint32`` key (``None`` stays ``None``)."""
-    if key is None:
-        return None
-    return jax.random.key_data(jax.random.split(jax.random.wrap_key_data(key))[0])

@@ -1,58 +1,24 @@
 """``sam``: Sharpness-Aware Minimization as an optax transformation.
 
-:func:`sam` validates its arguments and wires the stages of
-:mod:`sam_optax._stages` through the shared machinery of
-:mod:`sam_optax._family` (also used by the efficient variants).
+:func:`sam` is the family's plainest rule on the shared machinery of
+:mod:`sam_optax._family`: the SAM gradient, averaged over the data-parallel
+axes.
 """
 
 from __future__ import annotations
 
-from collections.abc import Hashable
 from typing import Any
-from typing import NamedTuple
 
-import jax
-import jax.numpy as jnp
 import optax
 
-from sam_optax import _axes
-from sam_optax import _checks
 from sam_optax import _family
-from sam_optax._family import Diagnostics
-from sam_optax._family import GroupedObjective
 
-__all__ = ["GroupedObjective", "SAMState", "sam"]
-
-
-class SAMState(NamedTuple):
-    """State of :func:`sam`: no copy of the params, only a few scalars.
-
-    Attributes:
-      count: number of updates taken (indexes a ``rho`` schedule), int32.
-      key: raw ``uint32`` PRNG key data for ``direction='random'``, else ``None``.
-      diagnostics: the last step's :class:`~sam_optax.Diagnostics` (scalars).
-    """
-
-    count: jax.Array
-    key: jax.Array | None
-    diagnostics: Diagnostics
+__all__ = ["sam"]
 
 
 def sam(
     rho: optax.ScalarOrSchedule = 0.05,
-    *,
-    norm: jax.typing.ArrayLike = 2,
-    adaptive: bool = False,
-    eta: jax.typing.ArrayLike = 0.01,
-    ascent_steps: int = 1,
-    second_order: bool = False,
-    mask: Any = None,
-    axis_name: Hashable | tuple[Hashable, ...] | None = None,
-    sync_perturbation: bool | Hashable | tuple[Hashable, ...] = False,
-    eps: jax.typing.ArrayLike = 1e-12,
-    has_aux: bool = False,
-    direction: str = "gradient",
-    seed: int = 0,
+    **options: Any,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Sharpness-Aware Minimization: turns :math:`\nabla L(w)` into :math:`\nabla L(w + \hat\epsilon)`.
 
@@ -71,7 +37,8 @@ def sam(
     holds a step count, a few scalar :class:`~sam_optax.Diagnostics` (and a
     PRNG key for random directions), never a copy of the params.
 
-    Variants (all of the paper's, plus ASAM):
+    The paper's variants are options (:class:`~sam_optax.SAMOptions`, given
+    as keywords; every method of the family takes the same ones):
 
     * ``norm=p``: the p-norm ball of eq. (2); ``float('inf')`` is the sign.
     * ``adaptive=True``: ASAM, :math:`T_w = |w| + \eta`,
@@ -92,7 +59,6 @@ def sam(
     * ``direction='random'``: the ablation of appendix C.5: a Gaussian
       direction of norm :math:`\rho`, from ``seed`` and the step count.
     * ``mask``: which leaves are perturbed; the norm runs over those only.
-    * ``rho``: a number or an optax schedule of SAM's own step count.
 
     Data parallelism (paper §3.1, §4.1): with ``axis_name`` the update must run
     under ``jax.shard_map``, ``jax.pmap`` or ``jax.vmap`` with that axis; each
@@ -106,8 +72,11 @@ def sam(
     transformation raises rather than silently syncing). ``value_fn`` must be
     the device-local loss (no collectives over ``axis_name`` inside it).
 
-    With ``rho == 0`` the incoming gradient is returned unchanged (averaged
-    over ``axis_name`` if given): the chain is then exactly its base optimizer.
+    With a constant ``rho == 0`` the incoming gradient is handed on unchanged
+    (averaged over ``axis_name`` if given): the chain is then exactly its
+    base optimizer, bit for bit. A scheduled or injected radius that is 0 at a
+    step evaluates the gradient at :math:`w + 0`, the base step up to the
+    rounding of that second evaluation.
 
     Complex params follow optax's convention: pass the conjugate of
     ``jax.grad`` (``optax.tree.conj``); norms use :math:`|x|^2` and the
@@ -116,42 +85,31 @@ def sam(
 
     Diagnostics: pass the clean loss too, ``tx.update(grads, state, params,
     value_fn=loss_fn, value=loss)``, and ``optax.tree.get(state, "sharpness")``
-    is :math:`L(w+\hat\epsilon) - L(w)` of the last step; ``grad_norm``,
-    ``cosine`` (between :math:`g` and :math:`g_{SAM}`) and ``perturbed_loss``
-    are recorded the same way, at no extra pass.
+    is :math:`L(w+\hat\epsilon) - L(w)` of the last step; ``grad_norm`` and
+    ``perturbed_loss`` are recorded the same way, free in passes and memory;
+    ``cosine=True`` also records :math:`\cos(g, g_{SAM})`, which keeps
+    :math:`g` alive through the second pass (one params-sized buffer).
 
-    ``optax.inject_hyperparams(sam)(rho=...)`` works as is; ``norm``, ``eta``,
-    ``eps`` and ``ascent_steps`` then become traced numbers too, which is
-    correct but slower (general-p formula, a while loop for the steps). For the
-    fastest code pass ``static_args=('norm', 'ascent_steps')``; a callable
-    ``mask`` must be listed in ``static_args`` as well.
+    ``optax.inject_hyperparams(sam)(rho=...)`` injects ``rho`` (a number
+    becomes a hyperparameter in the state, a schedule stays one); the options
+    stay static, so the compiled step is the same as without it.
 
     Args:
-      rho: radius :math:`\rho \ge 0` of the neighbourhood, or a schedule.
-      norm: p of eq. (2), a number > 1 or ``float('inf')``.
-      adaptive: use ASAM's scale-invariant neighbourhood.
-      eta: ASAM's :math:`\eta` in :math:`T_w = |w| + \eta`.
-      ascent_steps: number k >= 1 of projected ascent steps.
-      second_order: keep the second-order term of the SAM gradient.
-      mask: pytree of bools (or of boolean arrays; a prefix of the params is
-        fine), or a callable ``params -> mask``: ``False`` leaves are not
-        perturbed and do not enter the norm.
-      axis_name: the mapped axis (or tuple of axes) of data parallelism.
-      sync_perturbation: average the incoming gradients over ``axis_name``
-        before computing the perturbation (the paper does not); a name or
-        tuple of names among ``axis_name`` averages over those axes only: one
-        perturbation per group of devices (the paper code's
-        ``inner_group_size``, e.g. a ``('data', 'sync')`` mesh with
-        ``sync_perturbation='sync'``).
-      eps: added to the gradient's dual norm (zero gradient -> zero
-        perturbation, never NaN).
-      has_aux: ``value_fn`` returns ``(loss, aux)``; ``aux`` is ignored.
-      direction: ``'gradient'`` (SAM) or ``'random'`` (the C.5 ablation).
-      seed: seed of the random directions (``direction='random'``).
+      rho: radius :math:`\rho \ge 0` of the neighbourhood, or a schedule of the
+        step count.
+      **options: the options of :class:`~sam_optax.SAMOptions` (``norm``,
+        ``adaptive``, ``eta``, ``ascent_steps``, ``second_order``, ``mask``,
+        ``axis_name``, ``sync_perturbation``, ``eps``, ``has_aux``,
+        ``direction``, ``seed``, ``cosine``), or ``options=SAMOptions(...)``.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose ``update`` is
-      ``update(updates, state, params, *, value_fn, value=None, **extra_args)``.
+      ``update(updates, state, params, *, value_fn, value=None, **extra_args)``
+      and whose state is a :class:`~sam_optax.SAMState`.
+
+    Raises:
+      ValueError: a bad ``rho`` or option (the message names it).
+      TypeError: an unknown option.
 
     Examples:
       >>> import jax, jax.numpy as jnp, optax
@@ -172,42 +130,10 @@ def sam(
       Kwon et al, `ASAM: Adaptive Sharpness-Aware Minimization
       <https://arxiv.org/abs/2102.11600>`_, 2021.
     """
-    _checks.check_nonnegative("rho", rho)
-    options = _family.make_options(
-        norm=norm,
-        adaptive=adaptive,
-        eta=eta,
-        ascent_steps=ascent_steps,
-        second_order=second_order,
-        mask=mask,
-        axis_name=axis_name,
-        sync_perturbation=sync_perturbation,
-        eps=eps,
-        has_aux=has_aux,
-        direction=direction,
-        seed=seed,
-    )
-    rho_static = None if callable(rho) else _checks.concrete_float(rho)
+    opts = _family.options_from("sam", options)
 
-    def init_fn(params: optax.Params) -> SAMState:
-        del params
-        key = jax.random.key_data(jax.random.key(seed)) if direction == "random" else None
-        return SAMState(jnp.zeros([], jnp.int32), key, _family.initial_diagnostics())
+    def rule(step: _family.Step, memory: None) -> tuple[Any, None, _family.Diagnostics]:
+        out, diagnostics = _family.sam_branch(step)
+        return out, memory, diagnostics
 
-    def step(call: _family.Call, state: SAMState) -> tuple[optax.Updates, SAMState]:
-        count, key = optax.safe_increment(state.count), _family.next_key(state.key)
-        if _family.skips_perturbation(rho, call):
-            # Nothing is perturbed: the gradient at w + 0 is the gradient at w.
-            out, diagnostics = _family.base_step(call, options)
-            return out, SAMState(count, key, diagnostics)
-        rho_t = _family.schedule_value(rho, state.count)
-        wrapped = None if state.key is None else jax.random.wrap_key_data(state.key)
-        local, info = _family.sam_update(call, options, rho_t, wrapped)
-        out = _family.finish(call, options, local)
-        if rho_static is None:  # a schedule or a traced rho may be 0 at this step
-            baseline = _axes.pmean(call.updates, options.axes)
-            out = jax.tree.map(lambda b, o: jnp.where(rho_t == 0, b, o), baseline, out)
-        diagnostics = _family.measure(call, options, local, info, True)
-        return out, SAMState(count, key, diagnostics)
-
-    return _family.transformation("sam", options, init_fn, step)
+    return _family.transformation("sam", rho, opts, rule)

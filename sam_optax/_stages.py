@@ -25,7 +25,6 @@ perturbs) as lists in the compute dtype (:class:`sam_optax._directions.Selection
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from collections.abc import Hashable
 from collections.abc import Sequence
@@ -45,22 +44,10 @@ from sam_optax._directions import random_unit
 Leaves = list[jax.Array]
 
 
-@dataclasses.dataclass(frozen=True)
-class Ascent:
-    """How the perturbation is found (the static part of ``sam``'s arguments).
-
-    ``norm``, ``eta``, ``eps`` and ``steps`` may be traced numbers (under
-    ``optax.inject_hyperparams``); everything else is static.
-    """
-
-    norm: Any = 2.0
-    adaptive: bool = False
-    eta: Any = 0.01
-    steps: Any = 1
-    second_order: bool = False
-    mask: Any = None
-    direction: str = "gradient"
-    eps: Any = 1e-12
+# The perturbation options (a :class:`sam_optax.SAMOptions`): ``norm``,
+# ``adaptive``, ``eta``, ``ascent_steps``, ``second_order``, ``direction``,
+# ``eps``; all static.
+Ascent = Any
 
 
 class Objective(NamedTuple):
@@ -226,8 +213,7 @@ def projected_ascent(
     :math:`\delta \leftarrow \Pi_\rho(\delta + \rho\, d_p(T\nabla L(w + T\delta)))`,
     each group on its own. ``gradient_at(deltas)`` returns the direction
     gradients (selected leaves, synced if the step is) at the perturbations
-    those deltas define. A Python loop for a static ``ascent.steps``, a
-    ``fori_loop`` for a traced one.
+    those deltas define.
     """
 
     def step(deltas: list[Leaves]) -> list[Leaves]:
@@ -239,11 +225,9 @@ def projected_ascent(
             for delta, g in zip(deltas, grads)
         ]
 
-    if isinstance(ascent.steps, int):
-        for _ in range(ascent.steps - 1):
-            deltas = step(deltas)
-        return deltas
-    return jax.lax.fori_loop(1, ascent.steps, lambda _, d: step(d), deltas)
+    for _ in range(ascent.ascent_steps - 1):
+        deltas = step(deltas)
+    return deltas
 
 
 # --------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import pytest
 
 from sam_optax import _stages
 from sam_optax._directions import select
-from sam_optax._stages import Ascent
+from sam_optax._family import SAMOptions as Ascent
 from sam_optax._stages import Objective
 
 from helpers import QuarticProblem
@@ -141,7 +141,7 @@ def test_projected_ascent_iterates_and_projects():
             return [[jnp.asarray(a) @ (jnp.asarray(w) + d[0])] for d in deltas]
 
         start = [[jnp.asarray(np_eps_p(a @ w, rho, 2.0))]]
-        out = _stages.projected_ascent(start, gradient_at, None, jnp.float64(rho), Ascent(steps=4))
+        out = _stages.projected_ascent(start, gradient_at, None, jnp.float64(rho), Ascent(ascent_steps=4))
         delta = np_eps_p(a @ w, rho, 2.0)
         for _ in range(3):
             moved = delta + np_eps_p(a @ (w + delta), rho, 2.0)

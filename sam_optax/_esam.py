@@ -1,0 +1,142 @@
+"""ESAM: SAM on a random subset of the weights and the examples whose loss rises most."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from sam_optax import _checks
+from sam_optax import _family
+from sam_optax._directions import Selection
+
+__all__ = ["esam"]
+
+# The authors' rule: from gamma >= 0.99 on, every example is kept.
+ALL_EXAMPLES = 0.99
+
+
+def esam(
+    rho: optax.ScalarOrSchedule = 0.05,
+    beta: float = 1.0,
+    gamma: float = 1.0,
+    **options: Any,
+) -> optax.GradientTransformationExtraArgs:
+    r"""ESAM: stochastic weight perturbation and sharpness-sensitive data selection.
+
+    Two changes to SAM's step, as the authors' code (dydjw9/Efficient_SAM,
+    ``utils/Esam.py``) computes them:
+
+    * **Stochastic weight perturbation**: each step keeps each perturbed
+      leaf (tensor) with probability :math:`\beta` (the first step keeps
+      all); the norm runs over the kept leaves and the radius is
+      :math:`\rho/\beta`, so :math:`\hat\epsilon = (\rho/\beta)\, g_K /
+      \|g_K\|` on the kept leaves K, 0 on the others.
+    * **Sharpness-sensitive data selection**: with per-example losses
+      :math:`\ell_i` at :math:`w` and at :math:`w + \hat\epsilon`, the
+      gradient handed on is that of the mean loss over the examples whose
+      :math:`\ell_i(w + \hat\epsilon) - \ell_i(w)` is strictly above the
+      k-th largest, :math:`k = \lfloor \gamma n \rfloor` (the authors'
+      rule: k - 1 examples when there are no ties; all of them from
+      :math:`\gamma \ge 0.99` on; the whole batch if the rule selects
+      none).
+
+    ``esam`` extends the family's contract: ``value_fn(params)`` returns the
+    **per-example** losses of the batch (a vector whose mean is the loss the
+    incoming gradient is of), and ``value=`` may pass those losses at
+    :math:`w` (the caller's first pass computes them anyway); without it
+    they cost one more forward pass. The selection and the selected loss come
+    from the same forward pass at :math:`w + \hat\epsilon`. With JAX's static
+    shapes that pass and its backward run over the whole batch (the
+    unselected examples get a zero weight), so a step costs what a SAM step
+    costs: the efficiency the authors measure in PyTorch comes from
+    dropping examples and tensors from the backward passes, which XLA cannot
+    do with shapes fixed at compile time.
+
+    ``chain(esam(rho, beta, gamma, eps=1e-7), add_decayed_weights(wd),
+    sgd(lr, momentum))`` reproduces the authors' code given the same weight
+    subsets (``tests/test_authors.py``); their ``run.sh`` uses ``rho=0.1``
+    (the radius before the division by :math:`\beta`), ``beta=0.5``,
+    ``gamma=0.5``. With ``axis_name`` the subsets of weights are the same on
+    every device (one key), the perturbation and the selection per device,
+    as in the authors' multi-GPU code.
+
+    Args:
+      rho: radius before the division by :math:`\beta`, or a schedule.
+      beta: probability of keeping a leaf in the perturbation, in (0, 1]
+        (injectable).
+      gamma: fraction of the examples selected, in (0, 1] (static: it sets
+        how many are selected).
+      **options: the family's options (:class:`~sam_optax.SAMOptions`;
+        ``seed`` seeds the weight subsets) but ``ascent_steps``,
+        ``second_order`` and ``direction``.
+
+    References:
+      Du et al, `Efficient Sharpness-aware Minimization for Improved Training
+      of Neural Networks <https://arxiv.org/abs/2110.03141>`_, 2022.
+    """
+    opts = _family.options_from(
+        "esam", options, refused=("ascent_steps", "second_order", "direction")
+    )
+    _family.check_hyper("esam", "beta", beta, low=0.0, high=1.0)
+    if _checks.concrete_float(gamma) is None:
+        raise ValueError(
+            "esam: gamma must be a static number (it sets how many examples are selected); "
+            "with optax.inject_hyperparams pass static_args=('gamma',)."
+        )
+    for name, value in (("beta", beta), ("gamma", gamma)):
+        v = _checks.concrete_float(value)
+        if v is not None and not 0 < v <= 1:
+            raise ValueError(f"esam: {name} must be a number in (0, 1], got {name}={value!r}.")
+    subsets = _checks.concrete_float(beta) != 1.0  # a traced beta draws
+
+    def rule(step: _family.Step, memory: None) -> tuple[Any, None, _family.Diagnostics]:
+        call = step.call
+        before = call.value
+        if before is None or jnp.ndim(before) != 1:
+            before = call.objective.loss((call.params,))
+        before = jax.lax.stop_gradient(before)
+        sel = _kept(step, beta) if subsets else call.sel
+        objective = call.objective._replace(loss=_selected_loss(call.objective.loss, before, gamma))
+        call = call._replace(objective=objective, sel=sel, value=jnp.mean(before))
+        step = step._replace(call=call, rho=step.rho / beta)
+        out, diagnostics = _family.sam_branch(step)
+        return out, memory, diagnostics
+
+    return _family.transformation("esam", rho, opts, rule, draws=subsets, per_example=True)
+
+
+def _kept(step: _family.Step, beta: float) -> Selection:
+    """The selection with each leaf kept with probability ``beta`` (every leaf at the first step)."""
+    sel = step.call.sel
+    draw = jax.random.bernoulli(
+        jax.random.fold_in(step.key, _family.SUBSET), beta, (len(sel.indices),)
+    )
+    keep = draw | (step.count == 0)
+    masks = tuple(k if m is True else m & k for m, k in zip(sel.masks, keep))
+    return sel._replace(masks=masks)
+
+
+def _selected_loss(per_example: Any, before: jax.Array, gamma: float) -> Any:
+    """``points -> mean loss over the examples selected by their rise from ``before``."""
+    n = before.shape[0]
+    k = int(n * gamma)
+    if gamma >= ALL_EXAMPLES:
+        return lambda points: jnp.mean(per_example(points))
+    if k < 1:
+        raise ValueError(
+            f"esam: gamma={gamma} selects no example of a batch of {n} (gamma * batch < 1)."
+        )
+
+    def loss(points: tuple[Any, ...]) -> jax.Array:
+        losses = per_example(points)
+        rise = jax.lax.stop_gradient(losses - before)
+        cutoff = jax.lax.top_k(rise, k)[0][-1]
+        chosen = rise > cutoff
+        count = jnp.sum(chosen)
+        mean_chosen = jnp.sum(jnp.where(chosen, losses, 0.0)) / jnp.maximum(count, 1)
+        return jnp.where(count > 0, mean_chosen, jnp.mean(losses))
+
+    return loss
