@@ -38,15 +38,18 @@ MODELS = {
 
 LR, RHO = 0.1, 0.05
 
+# Each method as its docs compose it with the base optimizer.
 METHODS = {
-    "SGD": lambda: optax.identity(),
-    "SAM": lambda: sam_optax.sam(RHO),
-    "GSAM (alpha 0.1)": lambda: sam_optax.gsam(RHO, 0.1),
-    "LookSAM (every 5)": lambda: sam_optax.looksam(RHO, every=5),
-    "MSAM": lambda: sam_optax.msam(0.3),
-    "RST (p 0.5)": lambda: sam_optax.rst(RHO, 0.5),
-    "AE-SAM (c 0)": lambda: sam_optax.aesam(RHO, 0.0),
-    "F-SAM": lambda: sam_optax.fsam(RHO, 1.0),
+    "SGD": lambda base: base,
+    "SAM": lambda base: optax.chain(sam_optax.sam(RHO), base),
+    "GSAM (alpha 0.1)": lambda base: optax.chain(sam_optax.gsam(RHO, 0.1), base),
+    "LookSAM (every 5)": lambda base: optax.chain(sam_optax.looksam(RHO, every=5), base),
+    "MSAM": lambda base: sam_optax.msam(base, 0.3),
+    "RST (p 0.5)": lambda base: optax.chain(sam_optax.rst(RHO, 0.5), base),
+    "AE-SAM (c 0)": lambda base: optax.chain(sam_optax.aesam(RHO, 0.0), base),
+    "F-SAM": lambda base: optax.chain(sam_optax.fsam(RHO, 1.0), base),
+    "VaSSO": lambda base: optax.chain(sam_optax.vasso(RHO, 0.9), base),
+    "WSAM": lambda base: sam_optax.wsam(base, RHO, 0.9, learning_rate=LR),
 }
 GRADIENTS = {"SGD": 1.0, "MSAM": 1.0}
 
@@ -54,7 +57,7 @@ GRADIENTS = {"SGD": 1.0, "MSAM": 1.0}
 def build(params, batch, steps, loss):
     runners = {}
     for name, make in METHODS.items():
-        tx = optax.chain(make(), optax.sgd(LR, momentum=0.9))
+        tx = make(optax.sgd(LR, momentum=0.9))
 
         @jax.jit
         def step(params, state, tx=tx):

@@ -228,8 +228,8 @@ for name, tx in variants.items():
 #
 # **Schedules and `inject_hyperparams`.** `rho` may be an optax schedule of
 # SAM's own step count, and `optax.inject_hyperparams(sam_optax.sam)` exposes
-# it in the state so it can be changed between jitted steps. Structural
-# arguments (`norm`, `ascent_steps`) are best marked static.
+# it in the state so it can be changed between jitted steps. The options
+# (`norm`, `ascent_steps`, `mask`, ...) stay static: only `rho` is injected.
 
 # %%
 warmup = optax.linear_schedule(0.0, 0.05, transition_steps=3)
@@ -240,7 +240,7 @@ for t in range(5):
     delta = optax.tree.norm(jax.tree.map(jnp.subtract, out, g0))
     print(f"step {t}: rho = {float(warmup(t)):.4f}, |g_SAM - g| = {float(delta):.4f}")
 
-injected = optax.inject_hyperparams(sam_optax.sam, static_args=("norm", "ascent_steps"))(rho=0.05)
+injected = optax.inject_hyperparams(sam_optax.sam)(rho=0.05, norm=2.0)
 state = injected.init(p0)
 update = jax.jit(lambda g, s, p: injected.update(g, s, p, value_fn=loss_fn))
 for rho in (0.05, 0.0, 0.2):

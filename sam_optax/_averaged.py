@@ -34,7 +34,9 @@ def _updated(step: _family.Step, memory: GradientAverage, new: Any) -> GradientA
     mean_grad = _axes.pmean(step.call.updates, step.options.axes)
     return GradientAverage(
         jax.tree.map(
-            lambda m, g: jnp.where(first, g.astype(m.dtype), (1 - new) * m + new * g.astype(m.dtype)),
+            lambda m, g: jnp.where(
+                first, g.astype(m.dtype), (1 - new) * m + new * g.astype(m.dtype)
+            ),
             memory.average,
             mean_grad,
         )

@@ -177,8 +177,7 @@ def checked_loss(
             )
         if jnp.ndim(out) != (1 if per_example else 0):
             raise TypeError(
-                f"{owner}: {name} must return {what}, got an array of shape "
-                f"{jnp.shape(out)}."
+                f"{owner}: {name} must return {what}, got an array of shape {jnp.shape(out)}."
             )
         return out
 

@@ -131,7 +131,9 @@ class SAMOptions:
                 f"ascent_steps={self.ascent_steps}."
             )
         if self.direction == "random" and (self.second_order or self.ascent_steps != 1):
-            raise ValueError("direction='random' takes neither second_order=True nor ascent_steps > 1.")
+            raise ValueError(
+                "direction='random' takes neither second_order=True nor ascent_steps > 1."
+            )
         if self.mask is not None and not callable(self.mask) and not jax.tree.leaves(self.mask):
             raise ValueError(f"mask must be a pytree of bools or a callable, got {self.mask!r}.")
         sync_axes(self.sync_perturbation, self.axes)  # validates
@@ -158,12 +160,17 @@ class SAMOptions:
 OPTION_NAMES = tuple(f.name for f in dataclasses.fields(SAMOptions))
 # The options about where the perturbation comes from: a method whose direction
 # is its own (MSAM's momentum, ...) refuses them.
-GRADIENT_OPTIONS = ("adaptive", "eta", "ascent_steps", "second_order", "direction", "sync_perturbation")
+GRADIENT_OPTIONS = (
+    "adaptive",
+    "eta",
+    "ascent_steps",
+    "second_order",
+    "direction",
+    "sync_perturbation",
+)
 
 
-def options_from(
-    owner: str, given: Mapping[str, Any], refused: Sequence[str] = ()
-) -> SAMOptions:
+def options_from(owner: str, given: Mapping[str, Any], refused: Sequence[str] = ()) -> SAMOptions:
     """The :class:`SAMOptions` of a factory's ``**options``; unknown or refused names raise.
 
     ``given`` holds keyword options, or one ``options=`` (a
@@ -593,7 +600,14 @@ def transformation(
         **extra_args: Any,
     ) -> tuple[optax.Updates, SAMState]:
         call = prepare_call(
-            options, updates, params, value_fn, grouped_objective, value, extra_args, owner,
+            options,
+            updates,
+            params,
+            value_fn,
+            grouped_objective,
+            value,
+            extra_args,
+            owner,
             per_example,
         )
         key = None if state.key is None else jax.random.wrap_key_data(state.key)
@@ -688,10 +702,10 @@ def zeros_f32(params: Any) -> Any:
     )
 
 
-def check_hyper(owner: str, name: str, value: Any, low: float | None = None, high: float | None = None) -> None:
+def check_hyper(
+    owner: str, name: str, value: Any, low: float | None = None, high: float | None = None
+) -> None:
     """A method's own hyperparameter: a number in [low, high] or a schedule (concrete values only)."""
     if callable(value):
         return
     _checks.check_number(name, value, low=low, high=high, traced_ok=True, owner=owner)
-
-

@@ -73,7 +73,9 @@ def looksam(
             g_s = _family.float_leaves(out)
             coef = _family.projection_coefficient(g_s, g)
             unit = _family.unit([s - coef * x for s, x in zip(g_s, g)])
-            stored = optax.tree.cast_like(jax.tree.unflatten(jax.tree.structure(stored), unit), stored)
+            stored = optax.tree.cast_like(
+                jax.tree.unflatten(jax.tree.structure(stored), unit), stored
+            )
             return out, stored, _family.measure(step, info, local)
 
         def reuse(stored: Any) -> tuple[Any, Any, _family.Diagnostics]:

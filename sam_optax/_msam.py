@@ -144,7 +144,9 @@ def msam(
 
     def init_memory(params: Any) -> Any:
         state = inner.init(params)
-        _checks.check_tree_matches(read_moment(state), params, "the base optimizer's moment", "msam")
+        _checks.check_tree_matches(
+            read_moment(state), params, "the base optimizer's moment", "msam"
+        )
         return state
 
     return _family.transformation("msam", rho, opts, rule, init_memory=init_memory, base=base)

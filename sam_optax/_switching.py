@@ -21,9 +21,7 @@ __all__ = ["AESAMMemory", "aesam", "rst"]
 
 def _switch(step: _family.Step, take: jax.Array) -> tuple[Any, _family.Diagnostics]:
     """``lax.cond(take, SAM step, base step)``."""
-    return jax.lax.cond(
-        take, lambda: _family.sam_branch(step), lambda: _family.base_step(step)
-    )
+    return jax.lax.cond(take, lambda: _family.sam_branch(step), lambda: _family.base_step(step))
 
 
 def rst(
@@ -56,7 +54,6 @@ def rst(
     """
     opts = _family.options_from("rst", options)
     _family.check_hyper("rst", "probability", probability, low=0.0, high=1.0)
-
 
     def take(step: _family.Step, memory: None) -> tuple[jax.Array, None]:
         p = probability(step.count) if callable(probability) else probability

@@ -89,6 +89,10 @@ def wsam(
         out, memory = descend(step, _axes.pmean(step.call.updates, opts.axes), memory)
         lr = learning_rate(step.count) if callable(learning_rate) else learning_rate
         extra = _family.finish(step, sharp)
-        return jax.tree.map(lambda u, s: u - (lr * s).astype(u.dtype), out, extra), memory, diagnostics
+        return (
+            jax.tree.map(lambda u, s: u - (lr * s).astype(u.dtype), out, extra),
+            memory,
+            diagnostics,
+        )
 
     return _family.transformation("wsam", rho, opts, rule, init_memory=inner.init, base=base)

@@ -158,9 +158,9 @@ def step_fn(method: Method, tx: optax.GradientTransformation, problem: Problem =
         def per(p):
             return problem.per_example(p, batch)
 
-        (_, losses), grads = jax.value_and_grad(
-            lambda p: (jnp.mean(per(p)), per(p)), has_aux=True
-        )(params)
+        (_, losses), grads = jax.value_and_grad(lambda p: (jnp.mean(per(p)), per(p)), has_aux=True)(
+            params
+        )
         updates, state = method.update(tx, grads, state, params, per, losses)
         return optax.apply_updates(params, updates), state
 

@@ -69,7 +69,9 @@ def _numpy_loss_and_grad(params, batch, index=None):
 
 def _numpy_per_example(params, batch):
     x, y = batch
-    return np.asarray(_per_example([jnp.asarray(w) for w in params], jnp.asarray(x), jnp.asarray(y)))
+    return np.asarray(
+        _per_example([jnp.asarray(w) for w in params], jnp.asarray(x), jnp.asarray(y))
+    )
 
 
 def _run(tx, batches, params0, *, per_example=False, before_step=None):
@@ -80,9 +82,9 @@ def _run(tx, batches, params0, *, per_example=False, before_step=None):
         def per(p):
             return _per_example(p, x, y)
 
-        (_, losses), grads = jax.value_and_grad(
-            lambda p: (jnp.mean(per(p)), per(p)), has_aux=True
-        )(params)
+        (_, losses), grads = jax.value_and_grad(lambda p: (jnp.mean(per(p)), per(p)), has_aux=True)(
+            params
+        )
         if per_example:
             updates, state = tx.update(grads, state, params, value_fn=per, value=losses)
         else:
@@ -378,7 +380,16 @@ def test_the_references_are_not_the_library():
 
     import references
 
-    for module in (ref_esam, ref_fsam, ref_gsam, ref_looksam, ref_msam, ref_samon, ref_vasso, ref_wsam):
+    for module in (
+        ref_esam,
+        ref_fsam,
+        ref_gsam,
+        ref_looksam,
+        ref_msam,
+        ref_samon,
+        ref_vasso,
+        ref_wsam,
+    ):
         source = inspect.getsource(module)
         assert "sam_optax" not in source and "import jax" not in source, module.__name__
     assert math.isfinite(len(references.__doc__ or "x"))

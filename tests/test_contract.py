@@ -13,12 +13,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from jax.sharding import PartitionSpec as P
+
 from family import METHODS
 from family import Problem
 from family import run
 from family import step_fn
-from jax.sharding import PartitionSpec as P
-
 from helpers import assert_trees_close
 from helpers import assert_trees_equal
 from helpers import flat
@@ -187,30 +187,20 @@ OPTIONS = {
 
 @each_method
 def test_every_option_it_takes_runs(method):
+    # One value other than the default of each option it takes, two steps each.
     problem = Problem(9)
+    per = lambda p: problem.per_example(p, problem.batch(0))  # noqa: E731
+    grads = jax.grad(lambda p: jnp.mean(per(p)))(problem.params)
     for option, value in OPTIONS.items():
         if not method.accepts(option):
             continue
         tx = method.tx(0.1, _base(), **{option: value})
-        batch = problem.batch(0)
-
-        def per(p, batch=batch, aux=option == "has_aux"):
-            losses = problem.per_example(p, batch)
-            return (losses, {"n": 1.0}) if aux else losses
-
-        plain = lambda p, batch=batch: problem.per_example(p, batch)  # noqa: E731
-        grads = jax.grad(lambda p: jnp.mean(plain(p)))(problem.params)
+        closure = per if method.per_example else (lambda p: jnp.mean(per(p)))
+        if option == "has_aux":
+            closure = (lambda f: lambda p: (f(p), {"aux": 1.0}))(closure)
         state = tx.init(problem.params)
         for _ in range(2):
-            if method.per_example:
-                updates, state = tx.update(grads, state, problem.params, value_fn=per)
-            else:
-                closure = (  # noqa: E731
-                    (lambda p: (jnp.mean(per(p)[0]), per(p)[1]))
-                    if option == "has_aux"
-                    else (lambda p: jnp.mean(per(p)))
-                )
-                updates, state = tx.update(grads, state, problem.params, value_fn=closure)
+            updates, state = tx.update(grads, state, problem.params, value_fn=closure)
             chex.assert_tree_all_finite(updates)
         if option == "cosine" and bool(optax.tree.get(state, "sam_step")):
             assert np.isfinite(float(optax.tree.get(state, "cosine"))), method.name
@@ -231,14 +221,12 @@ def _sharded_first_update(method, tx, params, batch):
         def per(p):
             return Problem.per_example(p, (x, y))
 
-        (_, losses), grads = jax.value_and_grad(
-            lambda p: (jnp.mean(per(p)), per(p)), has_aux=True
-        )(local)
+        (_, losses), grads = jax.value_and_grad(lambda p: (jnp.mean(per(p)), per(p)), has_aux=True)(
+            local
+        )
         return method.update(tx, grads, state, params, per, losses)
 
-    mapped = jax.shard_map(
-        body, mesh=mesh, in_specs=(P(), P(), P("d"), P("d")), out_specs=P()
-    )
+    mapped = jax.shard_map(body, mesh=mesh, in_specs=(P(), P(), P("d"), P("d")), out_specs=P())
     return jax.jit(mapped)(params, tx.init(params), *batch)[0]
 
 
@@ -265,7 +253,9 @@ def test_each_device_perturbs_with_its_own_gradient(method):
                 lambda p, per=per: (jnp.mean(per(p)), per(p)), has_aux=True
             )(problem.params)
             updates.append(
-                method.update(single, grads, single.init(problem.params), problem.params, per, losses)[0]
+                method.update(
+                    single, grads, single.init(problem.params), problem.params, per, losses
+                )[0]
             )
         mean = jax.tree.map(lambda *u: sum(u) / 8, *updates)
         assert_trees_close(sharded, mean, rtol=1e-9, atol=1e-12)
@@ -277,3 +267,17 @@ def test_each_device_perturbs_with_its_own_gradient(method):
                 (x, y),
             )
             assert not np.allclose(flat(synced), flat(mean), rtol=1e-6)
+
+
+@each_method
+def test_diagnostics_are_recorded_where_the_sam_branch_ran(method):
+    history = run(method, method.tx(0.1, _base()), Problem(11), 4)
+    flags = [bool(optax.tree.get(state, "sam_step")) for _, state in history]
+    for (_, state), flag in zip(history, flags):
+        for name in ("sharpness", "perturbed_loss"):
+            assert np.isfinite(float(optax.tree.get(state, name))) == flag, (name, flag)
+        grad_norm = float(optax.tree.get(state, "grad_norm"))
+        assert grad_norm > 0 or (method.name == "msam" and np.isnan(grad_norm))
+        for leaf in jax.tree.leaves(optax.tree.get(state, "diagnostics")):
+            assert np.size(leaf) == 1
+    assert any(flags)

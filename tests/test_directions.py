@@ -9,7 +9,6 @@ import pytest
 
 import sam_optax
 
-from helpers import assert_trees_close
 from helpers import flat
 from helpers import np_eps_p
 from helpers import unflat

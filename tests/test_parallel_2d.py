@@ -165,7 +165,7 @@ def test_place_and_state_specs():
     tx = optax.chain(sam_optax.looksam(0.1), optax.adam(1e-3))
     state = tx.init(params)
     st_specs = parallel.state_specs(tx, state, specs)
-    assert st_specs[0].direction == specs and st_specs[1][0].mu == specs
+    assert st_specs[0].memory.direction == specs and st_specs[1][0].mu == specs
     assert st_specs[0].count == P() and st_specs[1][0].count == P()
 
 

@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 
 import sam_optax
 
+from family import METHODS
 from helpers import np_eps_p
 
 EXAMPLES = int(os.environ.get("SAM_OPTAX_EXAMPLES", 25))
@@ -149,17 +150,24 @@ def _loss(tree):
     )
 
 
-FACTORIES = {
-    "sam": lambda rho, p, mask: sam_optax.sam(rho, norm=p, mask=mask),
-    "sam-adaptive": lambda rho, p, mask: sam_optax.sam(rho, norm=p, adaptive=True, mask=mask),
-    "sam-steps2": lambda rho, p, mask: sam_optax.sam(rho, norm=p, ascent_steps=2, mask=mask),
-    "gsam": lambda rho, p, mask: sam_optax.gsam(rho, 0.3, norm=p, mask=mask),
-    "looksam": lambda rho, p, mask: sam_optax.looksam(rho, every=2, norm=p, mask=mask),
-    "msam": lambda rho, p, mask: sam_optax.msam(rho, mask=mask),
-    "rst": lambda rho, p, mask: sam_optax.rst(rho, 0.5, norm=p, mask=mask),
-    "aesam": lambda rho, p, mask: sam_optax.aesam(rho, norm=p, mask=mask),
-    "fsam": lambda rho, p, mask: sam_optax.fsam(rho, 0.5, norm=p, mask=mask),
-}
+# Every method of the registry (tests/family.py), and sam's own variants.
+FACTORIES = {m.name: m for m in METHODS}
+SAM_VARIANTS = {"sam-adaptive": {"adaptive": True}, "sam-steps2": {"ascent_steps": 2}}
+
+
+def _build(name, rho, p, mask, base):
+    """The whole optimizer: ``name``'s method (its norm p where it takes one) and ``base``."""
+    method = FACTORIES.get(name, FACTORIES["sam"])
+    options = {"mask": mask, **SAM_VARIANTS.get(name, {})}
+    if method.accepts("norm"):
+        options["norm"] = p
+    return method, method.tx(rho, base, **options)
+
+
+def _per_example(tree):
+    """Two "examples" whose mean is the loss (ESAM takes per-example losses)."""
+    loss = jnp.real(_loss(tree))
+    return jnp.stack([0.5 * loss, 1.5 * loss])
 
 
 @settings(PROPERTY, max_examples=FACTORY_EXAMPLES)
@@ -167,17 +175,17 @@ FACTORIES = {
     case=trees(zeros=True),
     rho=st.floats(1e-3, 1.0),
     p=NORMS,
-    name=st.sampled_from(sorted(FACTORIES)),
+    name=st.sampled_from(sorted([*FACTORIES, *SAM_VARIANTS])),
 )
 def test_every_factory_keeps_dtypes_and_stays_finite(case, rho, p, name):
     # Random masks, zero leaves (a zero gradient), every dtype, two steps.
     _, params, mask = case
     params = jax.tree.map(jnp.asarray, params)
-    tx = FACTORIES[name](rho, p, mask)
+    method, tx = _build(name, rho, p, mask, optax.sgd(0.1, momentum=0.9))
     state = tx.init(params)
     for _ in range(2):  # the second step reuses stored state (looksam, fsam, msam)
         grads = optax.tree.conj(jax.grad(lambda t: jnp.real(_loss(t)))(params))
-        out, state = tx.update(grads, state, params, value_fn=lambda t: jnp.real(_loss(t)))
+        out, state = method.update(tx, grads, state, params, _per_example)
         for o, w in zip(jax.tree.leaves(out), jax.tree.leaves(params)):
             assert o.dtype == w.dtype and o.shape == w.shape
             assert np.all(np.isfinite(np.asarray(o).astype(np.complex128)))
@@ -185,14 +193,16 @@ def test_every_factory_keeps_dtypes_and_stays_finite(case, rho, p, name):
 
 
 @PROPERTY
-@given(case=trees(zeros=True), name=st.sampled_from(sorted(FACTORIES)))
-def test_rho_zero_hands_on_the_gradient_unchanged(case, name):
+@given(case=trees(zeros=True), name=st.sampled_from(sorted([*FACTORIES, *SAM_VARIANTS])))
+def test_rho_zero_hands_on_the_base_step_unchanged(case, name):
     _, params, mask = case
     params = jax.tree.map(jnp.asarray, params)
-    tx = FACTORIES[name](0.0, 2.0, mask)
+    base = optax.sgd(0.1, momentum=0.9)
+    method, tx = _build(name, 0.0, 2.0, mask, base)
     grads = jax.tree.map(lambda x: x * 0.5 + 1, params)
-    out, _ = tx.update(grads, tx.init(params), params, value_fn=lambda t: jnp.real(_loss(t)))
-    for o, g in zip(jax.tree.leaves(out), jax.tree.leaves(grads)):
+    out, _ = method.update(tx, grads, tx.init(params), params, _per_example)
+    want, _ = base.update(grads, base.init(params), params)
+    for o, g in zip(jax.tree.leaves(out), jax.tree.leaves(want)):
         assert o.dtype == g.dtype
         np.testing.assert_array_equal(np.asarray(o), np.asarray(g))
 

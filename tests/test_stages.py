@@ -141,7 +141,9 @@ def test_projected_ascent_iterates_and_projects():
             return [[jnp.asarray(a) @ (jnp.asarray(w) + d[0])] for d in deltas]
 
         start = [[jnp.asarray(np_eps_p(a @ w, rho, 2.0))]]
-        out = _stages.projected_ascent(start, gradient_at, None, jnp.float64(rho), Ascent(ascent_steps=4))
+        out = _stages.projected_ascent(
+            start, gradient_at, None, jnp.float64(rho), Ascent(ascent_steps=4)
+        )
         delta = np_eps_p(a @ w, rho, 2.0)
         for _ in range(3):
             moved = delta + np_eps_p(a @ (w + delta), rho, 2.0)

@@ -2,7 +2,6 @@
 
 import math
 
-import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -110,25 +109,60 @@ def test_looksam_matches_the_formula_and_stores_the_direction():
         for t, ((params, state), w) in enumerate(zip(got, _np_sgd(prob, looksam_grad, 7))):
             np.testing.assert_allclose(flat(params), w, rtol=1e-11)
             assert bool(optax.tree.get(state, "sam_step")) == (t % k == 0)
-        np.testing.assert_allclose(flat(got[-1][1][0].direction), stored["v"], rtol=1e-10)
+        np.testing.assert_allclose(
+            flat(optax.tree.get(got[-1][1], "direction")), stored["v"], rtol=1e-10
+        )
 
 
-def test_msam_matches_the_formula_one_gradient_at_w_minus_rho_d():
+def test_msam_matches_the_formula_one_gradient_at_w_minus_rho_m():
+    # m is SGD's own momentum trace: m <- mu m + g_t, the gradient taken at
+    # w - rho m / ||m|| (unperturbed while m = 0); the base step is SGD's.
     with jax.enable_x64(True):
         prob, rho, mu = QuarticProblem(62), 0.3, 0.9
-        d = np.zeros(9)
+        m = np.zeros(9)
 
         def msam_grad(t, w):
-            nonlocal d
-            n = np.linalg.norm(d)
-            g = prob.np_grad(w - rho * d / n) if n > 0 else prob.np_grad(w)
-            d = mu * d + g
-            return g
+            nonlocal m
+            n = np.linalg.norm(m)
+            g = prob.np_grad(w - rho * m / n) if n > 0 else prob.np_grad(w)
+            m = mu * m + g
+            return m  # SGD with momentum steps along its trace
 
-        got = _run(optax.chain(sam_optax.msam(rho, momentum=mu), optax.sgd(LR)), prob, 5)
+        got = _run(sam_optax.msam(optax.sgd(LR, momentum=mu), rho, eps=0.0), prob, 5)
         for (params, _), w in zip(got, _np_sgd(prob, msam_grad, 5)):
             np.testing.assert_allclose(flat(params), w, rtol=1e-12)
-        np.testing.assert_allclose(flat(got[-1][1][0].momentum), d, rtol=1e-12)
+        np.testing.assert_allclose(flat(optax.tree.get(got[-1][1], "trace")), m, rtol=1e-12)
+
+
+def test_msam_reads_adams_first_moment_and_the_decay_it_sees():
+    # With adamw the direction is the raw first moment mu (not bias-corrected),
+    # and weight decay (decoupled) never enters it.
+    with jax.enable_x64(True):
+        prob, rho = QuarticProblem(72), 0.5
+        inner = optax.adamw(LR, b1=0.8, weight_decay=0.1)
+        got = _run(sam_optax.msam(inner, rho, eps=0.0), prob, 4)
+        w, m, v = flat(prob.params), np.zeros(9), np.zeros(9)
+        for t, (params, _) in enumerate(got):
+            n = np.linalg.norm(m)
+            g = prob.np_grad(w - rho * m / n if n > 0 else w)
+            m, v = 0.8 * m + 0.2 * g, 0.999 * v + 0.001 * g**2
+            m_hat, v_hat = m / (1 - 0.8 ** (t + 1)), v / (1 - 0.999 ** (t + 1))
+            w = w - LR * (m_hat / (np.sqrt(v_hat) + 1e-8) + 0.1 * w)
+            np.testing.assert_allclose(flat(params), w, rtol=1e-12)
+
+
+def test_msam_names_what_it_cannot_find():
+    params = {"w": jnp.zeros(3)}
+    with pytest.raises(ValueError, match="no first moment named 'mu' or 'trace'"):
+        sam_optax.msam(optax.sgd(0.1), 0.3).init(params)
+    with pytest.raises(ValueError, match="2 fields named 'trace'"):
+        sam_optax.msam(optax.chain(optax.trace(0.9), optax.trace(0.5)), 0.3).init(params)
+    tx = sam_optax.msam(
+        optax.chain(optax.trace(0.9), optax.trace(0.5)), 0.3, moment=lambda s: s[1].trace
+    )
+    tx.init(params)  # a function picks the moment
+    with pytest.raises(ValueError, match="sees must be one of"):
+        sam_optax.msam(optax.sgd(0.1, momentum=0.9), sees="held")
 
 
 @pytest.mark.parametrize("factory", ["rst", "aesam"])
@@ -182,7 +216,81 @@ def test_fsam_matches_the_formula():
         got = _run(tx, prob, 5)
         for (params, _), w in zip(got, _np_sgd(prob, fsam_grad, 5)):
             np.testing.assert_allclose(flat(params), w, rtol=1e-12)
-        np.testing.assert_allclose(flat(got[-1][1][0].average), m, rtol=1e-12)
+        np.testing.assert_allclose(flat(optax.tree.get(got[-1][1], "average")), m, rtol=1e-12)
+
+
+def test_vasso_matches_the_formula():
+    with jax.enable_x64(True):
+        prob, rho, theta = QuarticProblem(73), 0.2, 0.3
+        d = None
+
+        def vasso_grad(t, w):
+            nonlocal d
+            g = prob.np_grad(w)
+            d = g if d is None else (1 - theta) * d + theta * g
+            return _np_sam_grad(prob, w, rho, direction=d)
+
+        tx = optax.chain(sam_optax.vasso(rho, theta, eps=0.0), optax.sgd(LR))
+        got = _run(tx, prob, 5)
+        for (params, _), w in zip(got, _np_sgd(prob, vasso_grad, 5)):
+            np.testing.assert_allclose(flat(params), w, rtol=1e-12)
+        np.testing.assert_allclose(flat(optax.tree.get(got[-1][1], "average")), d, rtol=1e-12)
+
+
+@pytest.mark.parametrize("decouple", [True, False])
+def test_wsam_matches_the_formula(decouple):
+    # alpha = gamma / (1 - gamma); SGD with momentum steps on g0 (+ the
+    # sharpness term folded in, or as a separate -lr alpha (g1 - g0) step).
+    with jax.enable_x64(True):
+        prob, rho, gamma, mu = QuarticProblem(74), 0.2, 0.75, 0.9
+        alpha = gamma / (1 - gamma)
+        tx = sam_optax.wsam(
+            optax.sgd(LR, momentum=mu), rho, gamma, learning_rate=LR if decouple else None, eps=0.0
+        )
+        got = _run(tx, prob, 4)
+        w, trace = flat(prob.params), np.zeros(9)
+        for params, _ in got:
+            g0 = prob.np_grad(w)
+            g1 = _np_sam_grad(prob, w, rho)
+            seen = g0 if decouple else g0 + alpha * (g1 - g0)
+            trace = mu * trace + seen
+            w = w - LR * trace - (LR * alpha * (g1 - g0) if decouple else 0.0)
+            np.testing.assert_allclose(flat(params), w, rtol=1e-12)
+
+
+def test_esam_selects_the_examples_whose_loss_rises_most():
+    # Per-example losses l_i(w) = (a_i . w - b_i)^2: the SAM gradient is that of the
+    # mean over the examples with the largest rise, strictly above the k-th (k = 4 of 8).
+    with jax.enable_x64(True):
+        rng = np.random.default_rng(75)
+        a, b = rng.normal(size=(8, 3)), rng.normal(size=8)
+        w0, rho = rng.normal(size=3), 0.3
+
+        def per(w):
+            return (jnp.asarray(a) @ w - jnp.asarray(b)) ** 2
+
+        g = jax.grad(lambda w: jnp.mean(per(w)))(jnp.asarray(w0))
+        tx = sam_optax.esam(rho, gamma=0.5, eps=0.0)
+        out, state = tx.update(g, tx.init(w0), jnp.asarray(w0), value_fn=per, value=per(w0))
+        e = rho * np.asarray(g) / np.linalg.norm(np.asarray(g))
+        before, after = (a @ w0 - b) ** 2, (a @ (w0 + e) - b) ** 2
+        rise = after - before
+        chosen = rise > np.sort(rise)[-4]
+        assert chosen.sum() == 3  # the authors' rule: k - 1 without ties
+        want = np.mean((2 * (a @ (w0 + e) - b))[chosen, None] * a[chosen], axis=0)
+        np.testing.assert_allclose(np.asarray(out), want, rtol=1e-10)
+        np.testing.assert_allclose(
+            float(state.diagnostics.perturbed_loss), after[chosen].mean(), rtol=1e-6
+        )
+
+
+def test_esam_refuses_a_loss_that_is_not_per_example():
+    w = jnp.zeros(3)
+    tx = sam_optax.esam(0.1, gamma=0.5)
+    with pytest.raises(TypeError, match="a vector of per-example losses"):
+        tx.update(w, tx.init(w), w, value_fn=lambda p: jnp.sum(p**2))
+    with pytest.raises(ValueError, match="selects no example"):
+        tx.update(w, tx.init(w), w, value_fn=lambda p: jnp.sum(p**2)[None])
 
 
 # --------------------------------------------------------------------------
@@ -201,8 +309,17 @@ _SAM = lambda: sam_optax.sam(0.1)  # noqa: E731
         (lambda: sam_optax.rst(0.1, probability=0.0), lambda: optax.identity()),
         (lambda: sam_optax.fsam(0.1, sigma=0.0), _SAM),
         (lambda: sam_optax.aesam(0.1, threshold=-1e9), _SAM),
+        (lambda: sam_optax.vasso(0.1, theta=1.0), _SAM),
     ],
-    ids=["gsam-alpha0", "looksam-every1", "rst-p1", "rst-p0", "fsam-sigma0", "aesam-always"],
+    ids=[
+        "gsam-alpha0",
+        "looksam-every1",
+        "rst-p1",
+        "rst-p0",
+        "fsam-sigma0",
+        "aesam-always",
+        "vasso-theta1",
+    ],
 )
 def test_reductions_are_exact(make, reference):
     prob = QuarticProblem(66)
@@ -213,102 +330,14 @@ def test_reductions_are_exact(make, reference):
     assert_trees_equal(a, b)
 
 
-VARIANTS = {
-    "gsam": lambda rho: sam_optax.gsam(rho, 0.3),
-    "looksam": lambda rho: sam_optax.looksam(rho, every=2),
-    "msam": lambda rho: sam_optax.msam(rho),
-    "rst": lambda rho: sam_optax.rst(rho, 0.5),
-    "aesam": lambda rho: sam_optax.aesam(rho),
-    "fsam": lambda rho: sam_optax.fsam(rho, 0.9),
-}
-
-
-@pytest.mark.parametrize("name", VARIANTS)
-def test_rho_zero_is_the_base_optimizer_bit_for_bit(name):
-    prob = QuarticProblem(67)
+def test_wsam_with_gamma_half_is_sam():
+    # alpha = 1: the gradient WSAM hands on is g1, SAM's.
+    prob = QuarticProblem(76)
     prob.params = jax.tree.map(lambda x: x.astype(jnp.float32), prob.params)
     base = lambda: optax.sgd(LR, momentum=0.9)  # noqa: E731
-    a = _run(optax.chain(VARIANTS[name](0.0), base()), prob, 4)[-1][0]
-    b = _run(base(), prob, 4)[-1][0]
-    assert_trees_equal(a, b)
-
-
-@pytest.mark.parametrize("name", VARIANTS)
-def test_zero_gradient_stays_finite(name):
-    params = {"bias": jnp.zeros(3), "w": jnp.zeros((2, 3))}
-    loss = lambda p: jnp.sum(p["w"] ** 4) + jnp.sum(p["bias"] ** 4)  # noqa: E731
-    tx = VARIANTS[name](0.05)
-    state = tx.init(params)
-    for _ in range(3):  # the reuse steps of looksam and the later steps of fsam too
-        out, state = jax.jit(lambda g, s, p: tx.update(g, s, p, value_fn=loss))(
-            jax.grad(loss)(params), state, params
-        )
-        chex.assert_tree_all_finite(out)
-
-
-@pytest.mark.parametrize("name", VARIANTS)
-def test_bfloat16_params_keep_their_dtype(name):
-    k1, k2 = jax.random.split(jax.random.key(0))
-    params = {"w": jax.random.normal(k1, (5, 4), jnp.bfloat16)}
-    x = jax.random.normal(k2, (16, 5), jnp.bfloat16)
-    loss = lambda p: jnp.mean(jnp.tanh(x @ p["w"]).astype(jnp.float32) ** 2)  # noqa: E731
-    tx = optax.chain(VARIANTS[name](0.05), optax.sgd(0.1))
-    state = tx.init(params)
-    for _ in range(3):
-        updates, state = jax.jit(lambda g, s, p: tx.update(g, s, p, value_fn=loss))(
-            jax.grad(loss)(params), state, params
-        )
-        assert updates["w"].dtype == jnp.bfloat16
-        chex.assert_tree_all_finite(updates)
-        params = optax.apply_updates(params, updates)
-
-
-def test_inject_hyperparams_changes_alpha_between_steps():
-    with jax.enable_x64(True):
-        prob = QuarticProblem(68)
-        tx = optax.inject_hyperparams(sam_optax.gsam)(rho=0.1, alpha=0.2)
-        update = jax.jit(lambda g, s, p: tx.update(g, s, p, value_fn=prob.loss))
-        g = jax.grad(prob.loss)(prob.params)
-        state = tx.init(prob.params)
-        out_a, state = update(g, state, prob.params)
-        state.hyperparams["alpha"] = jnp.asarray(0.0)
-        out_b, _ = update(g, state, prob.params)
-        ref, _ = sam_optax.sam(0.1).update(
-            g, sam_optax.sam(0.1).init(prob.params), prob.params, value_fn=prob.loss
-        )
-        assert_trees_close(out_b, ref, rtol=1e-12)
-        assert not np.allclose(flat(out_a), flat(ref))
-
-
-@pytest.mark.parametrize(
-    "name, first, changed",
-    [
-        ("gsam", dict(rho=0.1, alpha=0.2), dict(alpha=0.6)),
-        ("looksam", dict(rho=0.1, every=3, alpha=0.2), dict(alpha=0.9)),
-        ("msam", dict(rho=0.1), dict(rho=0.4)),
-        ("rst", dict(rho=0.1, probability=1.0), dict(probability=0.0)),
-        ("aesam", dict(rho=0.1, threshold=100.0), dict(threshold=-100.0)),
-        ("fsam", dict(rho=0.1, sigma=0.2), dict(sigma=0.9)),
-    ],
-)
-def test_inject_hyperparams_steps_with_the_values_in_the_state(name, first, changed):
-    # Built with `first`, then the state's hyperparams set to `changed`: the
-    # run equals the factory called with `changed`, and differs from `first`'s.
-    with jax.enable_x64(True):
-        prob, steps = QuarticProblem(69), 5
-        factory = getattr(sam_optax, name)
-        tx = optax.chain(optax.inject_hyperparams(factory)(**first), optax.sgd(LR))
-        state, params = tx.init(prob.params), prob.params
-        for key, v in changed.items():
-            state[0].hyperparams[key] = jnp.asarray(v, state[0].hyperparams[key].dtype)
-        want = _run(optax.chain(factory(**{**first, **changed}), optax.sgd(LR)), prob, steps)
-        for t in range(steps):
-            value, grads = jax.value_and_grad(prob.loss)(params)
-            updates, state = tx.update(grads, state, params, value_fn=prob.loss, value=value)
-            params = optax.apply_updates(params, updates)
-            assert_trees_close(params, want[t][0], rtol=1e-12)
-        before = _run(optax.chain(factory(**first), optax.sgd(LR)), prob, steps)[-1][0]
-        assert not np.allclose(flat(params), flat(before), rtol=1e-9)
+    a = _run(sam_optax.wsam(base(), 0.1, gamma=0.5), prob, 5)[-1][0]
+    b = _run(optax.chain(_SAM(), base()), prob, 5)[-1][0]
+    assert_trees_close(a, b, rtol=1e-6)
 
 
 # --------------------------------------------------------------------------
@@ -319,7 +348,7 @@ def test_inject_hyperparams_steps_with_the_values_in_the_state(name, first, chan
 def test_diagnostics_are_the_formulas():
     with jax.enable_x64(True):
         prob, rho = QuarticProblem(70), 0.2
-        (_, state), = _run(sam_optax.sam(rho, eps=0.0), prob, 1)  # fmt: skip
+        (_, state), = _run(sam_optax.sam(rho, eps=0.0, cosine=True), prob, 1)  # fmt: skip
         w = flat(prob.params)
         g = prob.np_grad(w)
         pert = np_eps_p(g, rho, 2.0)
@@ -335,24 +364,13 @@ def test_diagnostics_are_the_formulas():
         assert bool(optax.tree.get(state, "sam_step"))
         for leaf in jax.tree.leaves(state.diagnostics):
             assert np.size(leaf) == 1  # nothing params-sized
+        # Without cosine=True the cosine is not measured (it would cost a buffer).
+        (_, state), = _run(sam_optax.sam(rho), prob, 1)  # fmt: skip
+        assert math.isnan(float(optax.tree.get(state, "cosine")))
         # Without the clean value, sharpness is "not measured".
         (_, state), = _run(sam_optax.sam(rho), prob, 1, with_value=False)  # fmt: skip
         assert math.isnan(float(optax.tree.get(state, "sharpness")))
         assert np.isfinite(float(optax.tree.get(state, "perturbed_loss")))
-
-
-@pytest.mark.parametrize("name", VARIANTS)
-def test_every_variant_records_its_diagnostics(name):
-    prob = QuarticProblem(71)
-    prob.params = jax.tree.map(lambda x: x.astype(jnp.float32), prob.params)
-    history = _run(optax.chain(VARIANTS[name](0.1), optax.sgd(LR)), prob, 4)
-    flags = [bool(optax.tree.get(s, "sam_step")) for _, s in history]
-    for (_, state), flag in zip(history, flags):
-        sharp = float(optax.tree.get(state, "sharpness"))
-        assert np.isfinite(sharp) == flag, (name, sharp, flag)
-        if name != "msam":
-            assert float(optax.tree.get(state, "grad_norm")) > 0
-    assert any(flags)
 
 
 # --------------------------------------------------------------------------
@@ -415,7 +433,7 @@ def test_msam_compiles_to_one_gradient_sam_to_two():
     x = jax.random.normal(k3, (512, 64))
     loss = lambda p: jnp.mean(jnp.tanh(x @ p["w1"]) @ p["w2"] ** 2)  # noqa: E731
     sgd = _flops(optax.sgd(0.1, momentum=0.9), loss, params)
-    msam = _flops(optax.chain(sam_optax.msam(0.1), optax.sgd(0.1, momentum=0.9)), loss, params)
+    msam = _flops(sam_optax.msam(optax.sgd(0.1, momentum=0.9), 0.1), loss, params)
     sam = _flops(optax.chain(sam_optax.sam(0.1), optax.sgd(0.1, momentum=0.9)), loss, params)
     assert msam < 1.1 * sgd, (msam, sgd)
     assert sam > 1.8 * sgd, (sam, sgd)

@@ -45,9 +45,10 @@ def _sam_grad(params, shard, direction=None):
 
 
 def _steps(variant, steps):
-    """``steps`` shard_map steps of chain(variant(axis 'data'), sgd); params and states."""
+    """``steps`` shard_map steps of chain(variant(axis 'data'), sgd) (or of a
+    wrapper, given whole); params and states."""
     mesh = jax.make_mesh((N,), ("data",))
-    tx = optax.chain(variant, optax.sgd(LR))
+    tx = variant if isinstance(variant, _Whole) else optax.chain(variant, optax.sgd(LR))
     step = parallel.shard_map_step(loss, tx, mesh)
     params = parallel.replicate(make_params(), mesh)
     state = parallel.replicate(tx.init(make_params()), mesh)
@@ -56,6 +57,10 @@ def _steps(variant, steps):
         params, state, _ = step(params, state, parallel.shard_batch(make_batch(10 + t), mesh))
         out.append((jax.tree.map(np.asarray, params), state))
     return out
+
+
+class _Whole(optax.GradientTransformationExtraArgs):
+    """A whole optimizer (a wrapper around its base), not chained with SGD."""
 
 
 def _expected(direction_fn, steps):
@@ -105,15 +110,18 @@ def test_looksam_perturbs_per_device_and_stores_the_averaged_direction():
 
 
 def test_msam_shares_the_momentum_perturbation_and_averages():
+    # The direction is SGD's own trace of the averaged gradients, the same on
+    # every device; SGD steps along that trace.
     d = {}
 
     def direction(t, w, shards):
         point = w if not d else _axpy(-0.3 / _norm(d["m"]), d["m"], w)
         g = _tree_mean([jax.grad(loss)(point, s) for s in shards])
         d["m"] = g if not d else _axpy(0.9, d["m"], g)
-        return g
+        return d["m"]
 
-    _check(sam_optax.msam(0.3, axis_name="data"), direction)
+    tx = sam_optax.msam(optax.sgd(LR, momentum=0.9), 0.3, axis_name="data", eps=0.0)
+    _check(_Whole(*tx), direction)
 
 
 @pytest.mark.parametrize("factory", ["rst", "aesam"])

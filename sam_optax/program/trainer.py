@@ -47,12 +47,6 @@ def make_sam(
     """
     if config.rho == 0:
         return sam_optax.sam(0.0, axis_name=axis_name)
-    if config.method == "msam":
-        if config.adaptive or config.norm != 2 or config.sync_perturbation:
-            raise UsageError(
-                "--method msam takes neither --adaptive, --norm nor --sync-perturbation."
-            )
-        return sam_optax.msam(config.msam_rho, momentum=config.momentum, axis_name=axis_name)
     sync = config.sync_perturbation
     if config.sync_group is not None and axis_name is not None:
         sync = "sync"
@@ -91,13 +85,23 @@ def make_optimizer(
     (:func:`make_loss`).
     """
     schedule = optax.cosine_decay_schedule(config.lr, total_steps)
-    parts = [make_sam(config, total_steps, axis_name)]
+    parts = []
     if config.clip_norm is not None:
         parts.append(optax.clip_by_global_norm(config.clip_norm))
     if config.weight_decay and not config.l2_in_loss:
         parts.append(optax.add_decayed_weights(config.weight_decay))
     parts.append(optax.sgd(schedule, momentum=config.momentum, nesterov=config.nesterov))
-    return optax.chain(*parts)
+    if config.optimizer == "msam":
+        # The authors' SGD-MSAM: the direction is SGD's own momentum (clipped
+        # gradients and weight decay included), decay read at the point held.
+        if config.adaptive or config.norm != 2 or config.sync_perturbation:
+            raise UsageError(
+                "--method msam takes neither --adaptive, --norm nor --sync-perturbation."
+            )
+        return sam_optax.msam(
+            optax.chain(*parts), config.msam_rho, sees="perturbed", axis_name=axis_name
+        )
+    return optax.chain(make_sam(config, total_steps, axis_name), *parts)
 
 
 def normalizer(dataset: input_pipeline.Dataset) -> Callable[[jax.Array], jax.Array]:
