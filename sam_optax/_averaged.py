@@ -100,9 +100,10 @@ def fsam(
             )
             for g in step.call.objective.grads
         ]
+        memory = _updated(step, memory, 1 - decay)  # now: g is not needed after the perturbation
         local, info = _family.sam_gradient(step, directions)
         diagnostics = _family.measure(step, info, local if opts.cosine else None)
-        return _family.finish(step, local), _updated(step, memory, 1 - decay), diagnostics
+        return _family.finish(step, local), memory, diagnostics
 
     return _family.transformation("fsam", rho, opts, rule, init_memory=_init_memory)
 

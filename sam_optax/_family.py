@@ -241,25 +241,32 @@ def sync_axes(sync_perturbation: Any, axes: tuple[Hashable, ...]) -> tuple[Hasha
 
 
 class GroupedObjective(NamedTuple):
-    """m-sharpness on one device: several groups, one perturbation each.
+    """m-sharpness on one device: G groups of the batch, one perturbation each.
 
-    Pass it to ``tx.update(..., grouped_objective=GroupedObjective(...))`` in
-    place of ``value_fn``. With ``G`` groups of the batch, group ``i`` gets its
-    own :math:`\\hat\\epsilon_i` from its own gradient, and the SAM gradient is
-    the mean over groups of :math:`\\nabla L_i(w + \\hat\\epsilon_i)`.
-    :func:`sam_optax.parallel.grouped_step` builds one for you.
+    Pass it to ``tx.update(zeros, state, params, grouped_objective=...)`` in
+    place of ``value_fn``: group ``i`` gets its own :math:`\\hat\\epsilon_i`
+    from its own gradient, and the SAM gradient is the mean over groups of
+    :math:`\\nabla L_i(w + \\hat\\epsilon_i)`. The method computes each
+    group's clean gradient itself, so the incoming updates are not read (pass
+    zeros). ``sam`` takes the groups one after the other into one running
+    sum: a step holds one group's buffers and the sum, whatever G
+    (``benchmarks/memory.py``); the other methods, and ``sync_perturbation``,
+    first take every group's clean gradient (one params-sized buffer per
+    group). :func:`sam_optax.parallel.grouped_step` builds one for you.
 
     Attributes:
-      value_fn: ``(params_0, ..., params_{G-1}) -> mean_i L_i(params_i)`` (a
-        tuple of G param trees in; a scalar, or ``(scalar, aux)`` with
-        ``has_aux=True``, out).
-      grads: the G gradients ``grads[i] = grad L_i(params)``, each a tree like
-        the params (the ascent directions; computing them is the caller's
-        first pass).
+      value_fn: ``(i, params) -> (loss_i, aux_i)``, the mean loss of group
+        ``i`` (a static int) and anything else its clean pass yields
+        (``aux_i`` may be ``None``).
+      n_groups: G, the number of groups.
+      on_clean: called as ``on_clean(i, loss_i, aux_i)`` with each group's
+        clean loss and aux, while the update is traced (how a step builder
+        returns them), or ``None``.
     """
 
-    value_fn: Callable[[tuple[Any, ...]], Any]
-    grads: Sequence[Any]
+    value_fn: Callable[[int, Any], tuple[Any, Any]]
+    n_groups: int
+    on_clean: Callable[[int, jax.Array, Any], None] | None = None
 
 
 class Diagnostics(NamedTuple):
@@ -327,6 +334,7 @@ class Call(NamedTuple):
     sel: Selection
     value: jax.Array | None
     extra_args: dict[str, Any]
+    groups: GroupedObjective | None = None
 
 
 def _check_not_masked(tree: Any, name: str, owner: str) -> None:
@@ -374,15 +382,27 @@ def objective_from_args(
             f"{owner} takes per-example losses through value_fn; it does not take a "
             "grouped_objective (m-sharpness groups): split the batch over devices instead."
         )
-    grads = list(grouped_objective.grads)
-    if not grads:
-        raise ValueError(f"{owner}: grouped_objective.grads is empty.")
-    for i, g in enumerate(grads):
-        _checks.check_tree_matches(g, params, f"grouped_objective.grads[{i}]", owner)
-    loss = _checks.checked_loss(
-        grouped_objective.value_fn, has_aux, "grouped_objective.value_fn", owner
-    )
-    return Objective(loss=loss, grads=grads, name="grouped_objective.grads")
+    n = grouped_objective.n_groups
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"{owner}: grouped_objective.n_groups must be an int >= 1, got {n!r}.")
+    group_loss = _group_losses(grouped_objective, owner)
+
+    def loss(points: tuple[Any, ...]) -> jax.Array:
+        return sum(group_loss(i)(p) for i, p in enumerate(points)) / n
+
+    # The clean gradients are the method's to compute (:func:`materialize`).
+    return Objective(loss=loss, grads=[updates] * n, name="grouped_objective")
+
+
+def _group_losses(groups: GroupedObjective, owner: str) -> Callable[[int], Callable[[Any], Any]]:
+    """``i -> (params -> loss_i)``, the aux dropped, the loss checked to be a scalar."""
+
+    def group(i: int) -> Callable[[Any], Any]:
+        return _checks.checked_loss(
+            lambda p: groups.value_fn(i, p), True, "grouped_objective.value_fn", owner
+        )
+
+    return group
 
 
 def prepare_call(
@@ -402,7 +422,7 @@ def prepare_call(
     )
     _axes.check_bound(options.axes, owner)
     sel = select(params, options.mask, *objective.grads)
-    return Call(objective, params, updates, sel, value, extra_args)
+    return Call(objective, params, updates, sel, value, extra_args, grouped_objective)
 
 
 # --------------------------------------------------------------------------
@@ -444,6 +464,8 @@ def check_local_gradients(step: Step, manual: tuple[Hashable, ...]) -> None:
     """
     options, call = step.options, step.call
     synced = set(options.sync_axes or ())
+    if call.groups is not None:  # the clean gradients were taken here, per device
+        return
     if not manual or synced >= set(manual) or not _axes.vma_checked(manual):
         return
     leaves = [jax.tree.leaves(g) for g in call.objective.grads]
@@ -531,6 +553,91 @@ def sam_branch(step: Step) -> tuple[Any, Diagnostics]:
 
 
 # --------------------------------------------------------------------------
+# m-sharpness groups (a GroupedObjective): one group at a time.
+# --------------------------------------------------------------------------
+
+
+def _after(carry: Any, w: Any) -> Any:
+    """``w`` (the params), made to depend on every leaf of ``carry``: ``w + 0 * sum(carry)``.
+
+    The groups' computations are independent, and XLA:CPU runs them side by
+    side, holding every group's buffers at once (an ``optimization_barrier``
+    does not order them). A data dependency does: each group's params read a
+    reduction of the sums so far, so group i starts after group i - 1 ended,
+    and its buffers are freed before the next (``benchmarks/memory.py``).
+    ``nan_to_num`` keeps an overflow in one group from making the zero NaN.
+    """
+    if carry is None:
+        return w
+    total = sum(jnp.sum(jnp.real(x).astype(jnp.float32)) for x in jax.tree.leaves(carry))
+    zero = jnp.nan_to_num(total) * 0
+    return jax.tree.map(lambda x: x + zero.astype(x.dtype), w)
+
+
+def _clean_pass(step: Step, i: int, w: Any) -> tuple[jax.Array, Any]:
+    """Group ``i``'s clean loss and gradient at ``w`` (conjugated); ``on_clean`` gets loss and aux."""
+    groups = step.call.groups
+    (loss, aux), grads = jax.value_and_grad(lambda p: groups.value_fn(i, p), has_aux=True)(w)
+    if groups.on_clean is not None:
+        groups.on_clean(i, loss, aux)
+    return loss, optax.tree.conj(grads)
+
+
+def materialize(step: Step, keep_grads: bool) -> Step:
+    """The step of a :class:`GroupedObjective` with its clean gradients taken.
+
+    Group by group: ``call.updates`` becomes the mean clean gradient,
+    ``call.value`` the mean clean loss; with ``keep_grads`` every group's
+    gradient is kept as ``objective.grads`` (G params-sized buffers), for the
+    methods that need them all at once.
+    """
+    call = step.call
+    w = _axes.as_varying(call.params, _axes.manual_axes(step.options.axes))
+    total, losses, grads = None, [], []
+    for i in range(call.groups.n_groups):
+        w_i = w if keep_grads else _after(None if total is None else (total, losses), w)
+        loss, g = _clean_pass(step, i, w_i)
+        losses.append(loss)
+        if keep_grads:
+            grads.append(g)
+        total = g if total is None else optax.tree.add(total, g)
+    n = call.groups.n_groups
+    mean = optax.tree.cast_like(optax.tree.scale(1.0 / n, total), call.updates)
+    objective = call.objective._replace(grads=grads if keep_grads else [mean] * n)
+    value = sum(losses) / n if call.value is None else call.value
+    return step._replace(call=call._replace(objective=objective, updates=mean, value=value))
+
+
+def grouped_sam(step: Step) -> tuple[Any, Diagnostics]:
+    """SAM over the groups one after the other: ``sam``'s rule for a :class:`GroupedObjective`.
+
+    Group i: its clean gradient, its perturbation, its SAM gradient, added to
+    one running sum; each group waits for the sum so far (:func:`_after`),
+    so a step holds one group's buffers and the sum. The diagnostics are
+    means over the groups (each group's own gradient norm and cosine, as each
+    device's are averaged over the devices).
+    """
+    call, options = step.call, step.options
+    group_loss = _group_losses(call.groups, step.owner)
+    w = _axes.as_varying(call.params, _axes.manual_axes(options.axes))
+    total, stats = None, []
+    for i in range(call.groups.n_groups):
+        # The sum and every scalar so far are ready before this group starts.
+        w_i = _after(None if total is None else (total, stats), w)
+        clean, g = _clean_pass(step, i, w_i)
+        objective = Objective(loss=lambda points, i=i: group_loss(i)(points[0]), grads=[g])
+        key = None if step.key is None else jax.random.fold_in(step.key, i)
+        one = call._replace(objective=objective, params=w_i, updates=g, value=clean)
+        one = step._replace(call=one, key=key)
+        local, info = sam_gradient(one)
+        stats.append(measure(one, info, local if options.cosine else None)[:4])
+        total = local if total is None else [a + b for a, b in zip(total, local)]
+    n = call.groups.n_groups
+    means = [sum(s[k] for s in stats) / n for k in range(4)]
+    return finish(step, [t / n for t in total]), Diagnostics(*means, jnp.asarray(True))
+
+
+# --------------------------------------------------------------------------
 # The one transformation every factory returns.
 # --------------------------------------------------------------------------
 
@@ -561,6 +668,7 @@ def transformation(
     base: Rule | None = None,
     draws: bool = False,
     per_example: bool = False,
+    grouped_rule: Rule | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """The family's ``GradientTransformationExtraArgs`` around one method's ``rule``.
 
@@ -575,6 +683,9 @@ def transformation(
       draws: the method draws random numbers (a key in the state) even when
         its perturbation is not random.
       per_example: ``value_fn`` returns one loss per example (ESAM).
+      grouped_rule: the rule for a :class:`GroupedObjective` that takes the
+        groups one at a time; without one the groups' clean gradients are all
+        taken first (:func:`materialize`) and ``rule`` runs on them.
 
     Returns:
       ``init(params)`` and ``update(updates, state, params, *, value_fn=None,
@@ -614,10 +725,17 @@ def transformation(
         step = Step(call, options, owner, rho, state.count, key)
         if static_rho == 0.0 or not call.sel.indices:
             # Nothing is perturbed: the gradient at w + 0 is the gradient at w.
+            if call.groups is not None:
+                step = materialize(step, keep_grads=False)
             out, memory, diagnostics = (base or _keep_memory)(step, state.memory)
         else:
             step = step._replace(rho=rho(state.count) if callable(rho) else rho)
-            out, memory, diagnostics = rule(step, state.memory)
+            if call.groups is not None and grouped_rule is not None:
+                out, memory, diagnostics = grouped_rule(step, state.memory)
+            else:
+                if call.groups is not None:
+                    step = materialize(step, keep_grads=True)
+                out, memory, diagnostics = rule(step, state.memory)
         next_key = None if key is None else jax.random.key_data(jax.random.split(key)[0])
         return out, SAMState(optax.safe_increment(state.count), next_key, diagnostics, memory)
 

@@ -65,29 +65,27 @@ def looksam(
 
     def rule(step: _family.Step, memory: LookSAMMemory) -> tuple[Any, Any, _family.Diagnostics]:
         g = _family.float_leaves(_axes.pmean(step.call.updates, opts.axes))
-        like = step.call.updates
+        like, stored = step.call.updates, memory.direction
+        sam_step = step.count % every == 0
 
-        def full(stored: Any) -> tuple[Any, Any, _family.Diagnostics]:
+        def full() -> tuple[Any, _family.Diagnostics]:
             local, info = _family.sam_gradient(step)
-            out = _family.finish(step, local)
-            g_s = _family.float_leaves(out)
-            coef = _family.projection_coefficient(g_s, g)
-            unit = _family.unit([s - coef * x for s, x in zip(g_s, g)])
-            stored = optax.tree.cast_like(
-                jax.tree.unflatten(jax.tree.structure(stored), unit), stored
-            )
-            return out, stored, _family.measure(step, info, local)
+            return _family.finish(step, local), _family.measure(step, info, local)
 
-        def reuse(stored: Any) -> tuple[Any, Any, _family.Diagnostics]:
+        def reuse() -> tuple[Any, _family.Diagnostics]:
             scale = alpha * _family.norm(g)
             leaves = [x + scale * v for x, v in zip(g, _family.float_leaves(stored))]
             out = optax.tree.cast_like(jax.tree.unflatten(jax.tree.structure(like), leaves), like)
-            return out, stored, _family.measure(step, sam_step=False)
+            return out, _family.measure(step, sam_step=False)
 
-        out, direction, diagnostics = jax.lax.cond(
-            step.count % every == 0, full, reuse, memory.direction
-        )
-        return out, LookSAMMemory(direction), diagnostics
+        out, diagnostics = jax.lax.cond(sam_step, full, reuse)
+        # On SAM steps, the new direction from g_s = out; the select writes the
+        # state in place (no copy of the direction goes through the branches).
+        g_s = _family.float_leaves(out)
+        coef = _family.projection_coefficient(g_s, g)
+        unit = _family.unit([s - coef * x for s, x in zip(g_s, g)])
+        new = optax.tree.cast_like(jax.tree.unflatten(jax.tree.structure(stored), unit), stored)
+        return out, LookSAMMemory(optax.tree.where(sam_step, new, stored)), diagnostics
 
     def init_memory(params: Any) -> LookSAMMemory:
         return LookSAMMemory(optax.tree.zeros_like(params))

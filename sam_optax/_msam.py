@@ -132,9 +132,10 @@ def msam(
     def rule(step: _family.Step, memory: Any) -> tuple[Any, Any, _family.Diagnostics]:
         m = read_moment(memory)
         _checks.check_tree_matches(m, step.call.params, "the base optimizer's moment", "msam")
-        point = _shifted(step, m, opts)
+        point = _shifted(step, m)
         objective = step.call.objective
-        loss, grads = jax.value_and_grad(objective.loss)((point,) * objective.n_groups)
+        varying = _axes.as_varying(point, _axes.manual_axes(opts.axes))  # per-device gradients
+        loss, grads = jax.value_and_grad(objective.loss)((varying,) * objective.n_groups)
         local = [sum(g) for g in zip(*[jax.tree.leaves(gi) for gi in grads])]
         local = [jnp.conj(g) if jnp.iscomplexobj(g) else g for g in local]
         out, memory = descend(step, _family.finish(step, local), memory, point)
@@ -152,14 +153,13 @@ def msam(
     return _family.transformation("msam", rho, opts, rule, init_memory=init_memory, base=base)
 
 
-def _shifted(step: _family.Step, moment: Any, opts: _family.SAMOptions) -> Any:
-    """:math:`w - \\rho\\, m / (\\|m\\| + \\epsilon)` on the selected leaves, varying over the manual axes."""
+def _shifted(step: _family.Step, moment: Any) -> Any:
+    """:math:`w - \\rho\\, m / (\\|m\\| + \\epsilon)` on the selected leaves (the same on every device)."""
     sel, params = step.call.sel, step.call.params
-    unit = _family.unit(sel.take(moment), opts.eps)
+    unit = _family.unit(sel.take(moment), step.options.eps)
     leaves = jax.tree.leaves(params)
     moved = [
         (leaves[i].astype(sel.dtype) - step.rho * u).astype(leaves[i].dtype)
         for i, u in zip(sel.indices, unit)
     ]
-    point = jax.tree.unflatten(sel.treedef, sel.place(moved, leaves))
-    return _axes.as_varying(point, _axes.manual_axes(opts.axes))
+    return jax.tree.unflatten(sel.treedef, sel.place(moved, leaves))

@@ -136,4 +136,10 @@ def sam(
         out, diagnostics = _family.sam_branch(step)
         return out, memory, diagnostics
 
-    return _family.transformation("sam", rho, opts, rule)
+    def grouped(step: _family.Step, memory: None) -> tuple[Any, None, _family.Diagnostics]:
+        out, diagnostics = _family.grouped_sam(step)
+        return out, memory, diagnostics
+
+    # Synced perturbations average every group's gradient first: no group-by-group pass.
+    sequential = grouped if opts.sync_axes is None else None
+    return _family.transformation("sam", rho, opts, rule, grouped_rule=sequential)

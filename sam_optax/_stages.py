@@ -9,7 +9,7 @@ splits the device's batch; see :class:`Objective`), in order:
    eq. (2), :math:`\delta = \rho\, d_p(T g)` (:math:`T = |w| + \eta` for
    ASAM, 1 otherwise; the perturbation is :math:`\epsilon = T\delta`,
    :func:`perturbations`);
-3. :func:`projected_ascent`: further steps re-projected onto the
+3. :func:`ascend`: further steps re-projected onto the
    :math:`\rho`-ball (appendix C.6);
 4. :func:`perturbed_points` and :func:`gradients_at`: each group's gradient
    at its own :math:`w + \epsilon_i` (eq. 3);
@@ -201,23 +201,34 @@ def gradients_at(objective: Objective, points: tuple[Any, ...]) -> tuple[jax.Arr
     return value, out
 
 
-def projected_ascent(
+def ascend(
     deltas: list[Leaves],
-    gradient_at: Callable[[list[Leaves]], list[Leaves]],
+    evaluate: Callable[[list[Leaves]], tuple[jax.Array, list[Leaves]]],
+    directions_of: Callable[[list[Leaves]], list[Leaves]],
     scale: Leaves | None,
     rho: jax.Array,
     ascent: Ascent,
-) -> list[Leaves]:
-    r"""Steps 2..k of projected gradient ascent in the :math:`\rho`-ball (appendix C.6).
+) -> tuple[jax.Array, list[Leaves]]:
+    r"""The loss and gradients at the last of k projected ascent steps (appendix C.6).
 
-    :math:`\delta \leftarrow \Pi_\rho(\delta + \rho\, d_p(T\nabla L(w + T\delta)))`,
-    each group on its own. ``gradient_at(deltas)`` returns the direction
-    gradients (selected leaves, synced if the step is) at the perturbations
-    those deltas define.
+        ``evaluate(deltas)`` is ``(loss, group_grads)`` at the perturbations the
+        deltas define, ``directions_of(group_grads)`` the gradients the next step
+        moves along (selected leaves, synced if the step is). Step j evaluates at
+        :math:`\delta_j` and moves to
+        :math:`\delta_{j+1} = \Pi_
+    ho(\delta_j +
+    ho\, d_p(T
+    abla L(w + T\delta_j)))`,
+        each group on its own; the k-th evaluation is the result (k = 1 is SAM).
+        For k > 1 the evaluations run in a ``fori_loop``, so a step holds one
+        evaluation's buffers whatever k (``benchmarks/memory.py``; unrolled,
+        XLA kept each evaluation's activations).
     """
+    if ascent.ascent_steps == 1:
+        return evaluate(deltas)
 
-    def step(deltas: list[Leaves]) -> list[Leaves]:
-        grads = gradient_at(deltas)
+    def body(_: Any, deltas: list[Leaves]) -> list[Leaves]:
+        grads = directions_of(evaluate(deltas)[1])
         return [
             project(
                 [d + rho * u for d, u in zip(delta, unit_step(g, scale, ascent))], ascent.norm, rho
@@ -225,9 +236,11 @@ def projected_ascent(
             for delta, g in zip(deltas, grads)
         ]
 
-    for _ in range(ascent.ascent_steps - 1):
-        deltas = step(deltas)
-    return deltas
+    # A trip count XLA cannot see: it would unroll a loop of one step (k = 2),
+    # and the unrolled step kept its activations (CNN: +7x the params).
+    steps = jax.lax.optimization_barrier(jnp.asarray(ascent.ascent_steps - 1, jnp.int32))
+    deltas = jax.lax.fori_loop(0, steps, body, deltas)
+    return evaluate(deltas)
 
 
 # --------------------------------------------------------------------------
@@ -338,13 +351,14 @@ def sam_gradient(
         dir_grads = direction_gradients(sel, start, sync_axes)
         deltas = first_deltas(dir_grads, scale, rho, ascent)
 
-    def gradient_at(deltas: list[Leaves]) -> list[Leaves]:
+    def evaluate(deltas: list[Leaves]) -> tuple[jax.Array, list[Leaves]]:
         points = perturbed_points(sel, params, perturbations(deltas, scale), manual)
-        return direction_gradients(sel, gradients_at(objective, points)[1], sync_axes)
+        return gradients_at(objective, points)
 
-    deltas = projected_ascent(deltas, gradient_at, scale, rho, ascent)
-    points = perturbed_points(sel, params, perturbations(deltas, scale), manual)
-    value, group_grads = gradients_at(objective, points)
+    def directions_of(group_grads: list[Leaves]) -> list[Leaves]:
+        return direction_gradients(sel, group_grads, sync_axes)
+
+    value, group_grads = ascend(deltas, evaluate, directions_of, scale, rho, ascent)
     out = mean_over_groups(group_grads, sel.dtype)
     if ascent.second_order:
         if sync_axes is not None:

@@ -15,11 +15,11 @@ better (m-sharpness). This module gives that step three ways:
   one perturbation per group.
 
 All three take ``group_size=m`` to split each device's share further, so any
-m that divides the per-device batch works. The groups are differentiated in
-one pass of an unrolled function, each group against its own copy of the
-params (:class:`sam_optax.GroupedObjective`): measured here it costs about as
-much as one plain SAM step, where ``vmap`` over groups costs several times
-more (``benchmarks/msharpness.py``).
+m that divides the per-device batch works. ``sam`` takes the groups one after
+the other into one running sum (:class:`sam_optax.GroupedObjective`), so the
+step holds one group's buffers and the sum whatever the number of groups
+(``benchmarks/memory.py``), for about the time of one plain SAM step
+(``benchmarks/msharpness.py``).
 
 The optimizer ``tx`` must contain :func:`sam_optax.sam` with ``axis_name``
 equal to the step's data axis for the multi-device steps (that is where the
@@ -124,11 +124,13 @@ def _device_step(
 ) -> tuple[Any, ...]:
     """One SAM step on this device's share of the batch (inside a mapped context or not).
 
-    The share splits into groups of ``group_size`` examples; all groups are
-    differentiated in one pass, each against its own copy of the params made
-    varying over the ``shard_map`` axes (so gradients stay per device), and
-    ``tx`` gets a :class:`~sam_optax.GroupedObjective` when there is more than
-    one group.
+    The share splits into groups of ``group_size`` examples. One group: the
+    clean gradient is taken here, with respect to params made varying over
+    the ``shard_map`` axes (so it stays per device), and ``tx`` gets the loss
+    closure. Several: ``tx`` gets a :class:`~sam_optax.GroupedObjective` and
+    takes each group's clean and perturbed gradients itself (``sam``: one
+    group after the other), handing back the clean losses and aux through
+    ``on_clean``.
     """
     manual = _axes.manual_axes(names)
     n_groups = _groups.groups_per_shard(_groups.batch_size(batch), group_size)
@@ -141,21 +143,29 @@ def _device_step(
         out = loss_fn(point, groups[i], *args, **kwargs)
         return out if has_aux else (out, None)
 
-    def objective(points: tuple[Any, ...]) -> tuple[jax.Array, list[Any]]:
-        losses, auxes = zip(*(group_loss(i, pt) for i, pt in enumerate(points)), strict=True)
-        return sum(losses[1:], losses[0]) / n_groups, list(auxes)
-
-    local = _axes.as_varying(params, manual)
-    (loss, auxes), grads = jax.value_and_grad(objective, has_aux=True)((local,) * n_groups)
-    extra: dict[str, Any] = {"value_fn": lambda p: objective((p,) * n_groups)[0], "value": loss}
-    mean_grad = grads[0]
-    if n_groups > 1:
-        mean_grad = jax.tree.map(lambda *g: sum(g[1:], g[0]), *grads)
-        extra["grouped_objective"] = GroupedObjective(
-            value_fn=lambda points: objective(points)[0],
-            grads=[jax.tree.map(lambda g: g * n_groups, gi) for gi in grads],
+    if n_groups == 1:
+        local = _axes.as_varying(params, manual)
+        (loss, aux), grads = jax.value_and_grad(lambda p: group_loss(0, p), has_aux=True)(local)
+        extra = {"value_fn": lambda p: group_loss(0, p)[0], "value": loss}
+        updates, opt_state = tx.update(grads, opt_state, params, **extra)
+        auxes = [aux]
+    else:
+        clean: dict[int, tuple[jax.Array, Any]] = {}
+        grouped = GroupedObjective(
+            value_fn=group_loss,
+            n_groups=n_groups,
+            on_clean=lambda i, loss, aux: clean.setdefault(i, (loss, aux)),
         )
-    updates, opt_state = tx.update(mean_grad, opt_state, params, **extra)
+        zeros = jax.tree.map(jnp.zeros_like, params)  # not read: tx takes the gradients
+        updates, opt_state = tx.update(zeros, opt_state, params, grouped_objective=grouped)
+        if len(clean) != n_groups:
+            raise ValueError(
+                f"group_size splits the batch into {n_groups} groups, but tx did not take "
+                "them: its first transformation must be a method of sam_optax (sam, gsam, ...) "
+                "with the step's axis_name; for a plain baseline use sam(0.0)."
+            )
+        loss = sum(clean[i][0] for i in range(n_groups)) / n_groups
+        auxes = [clean[i][1] for i in range(n_groups)]
     _check_updates_averaged(updates, manual)
     params = optax.apply_updates(params, updates)
     out = (params, opt_state, _axes.pmean(loss, names))

@@ -558,26 +558,38 @@ def test_sam_ends_in_the_flat_minimum_sgd_in_the_sharp_one():
 # --------------------------------------------------------------------------
 
 
-def test_grouped_objective_is_the_mean_of_per_group_sam_gradients():
+@pytest.mark.parametrize("options", [{}, {"adaptive": True}], ids=["own", "asam"])
+def test_grouped_objective_is_the_mean_of_per_group_sam_gradients(options):
+    # Each group perturbs with its own gradient; the clean losses and aux come
+    # back through on_clean, once per group.
     with jax.enable_x64(True):
         probs = [QuarticProblem(20 + i) for i in range(3)]
         params = probs[0].params
-        grads = [jax.grad(pr.loss)(params) for pr in probs]
+        seen = {}
         obj = sam_optax.GroupedObjective(
-            value_fn=lambda ps: sum(pr.loss(p) for pr, p in zip(probs, ps)) / 3, grads=grads
+            value_fn=lambda i, p: (probs[i].loss(p), {"group": i}),
+            n_groups=3,
+            on_clean=lambda i, loss, aux: seen.setdefault(i, (float(loss), aux["group"])),
         )
-        tx = sam_optax.sam(0.15)
-        out, _ = tx.update(
-            jax.tree.map(lambda *g: sum(g) / 3, *grads),
-            tx.init(params),
-            params,
-            grouped_objective=obj,
-        )
+        tx = sam_optax.sam(0.15, eps=0.0, **options)
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        out, state = tx.update(zeros, tx.init(params), params, grouped_objective=obj)
         w = flat(params)
-        expected = np.mean(
-            [pr.np_grad(w + np_eps_p(pr.np_grad(w), 0.15, 2.0)) for pr in probs], axis=0
-        )
+        grads = [pr.np_grad(w) for pr in probs]
+        scale = (np.abs(w) + 0.01) if options.get("adaptive") else 1.0
+
+        def eps(g):
+            return scale * np_eps_p(scale * g, 0.15, 2.0)
+
+        expected = np.mean([pr.np_grad(w + eps(g)) for pr, g in zip(probs, grads)], axis=0)
         np.testing.assert_allclose(flat(out), expected, rtol=1e-12)
+        assert seen == {i: (pytest.approx(probs[i].np_loss(w)), i) for i in range(3)}
+        # grad_norm is the mean of the groups' own gradient norms.
+        np.testing.assert_allclose(
+            float(state.diagnostics.grad_norm),
+            np.mean([np.linalg.norm(g) for g in grads]),
+            rtol=1e-6,
+        )
 
 
 def test_vmap_axis_averages_per_member_sam_gradients():

@@ -137,19 +137,22 @@ def test_projected_ascent_iterates_and_projects():
         w = rng.normal(size=4)
         rho = 0.7
 
-        def gradient_at(deltas):
-            return [[jnp.asarray(a) @ (jnp.asarray(w) + d[0])] for d in deltas]
+        def evaluate(deltas):
+            x = jnp.asarray(w) + deltas[0][0]
+            return 0.5 * x @ jnp.asarray(a) @ x, [[jnp.asarray(a) @ x]]
 
         start = [[jnp.asarray(np_eps_p(a @ w, rho, 2.0))]]
-        out = _stages.projected_ascent(
-            start, gradient_at, None, jnp.float64(rho), Ascent(ascent_steps=4)
+        value, grads = _stages.ascend(
+            start, evaluate, lambda g: g, None, jnp.float64(rho), Ascent(ascent_steps=4)
         )
         delta = np_eps_p(a @ w, rho, 2.0)
         for _ in range(3):
             moved = delta + np_eps_p(a @ (w + delta), rho, 2.0)
             delta = moved * min(1.0, rho / np.linalg.norm(moved))
-        np.testing.assert_allclose(np.asarray(out[0][0]), delta, rtol=1e-12)
-        assert np.linalg.norm(np.asarray(out[0][0])) <= rho * (1 + 1e-12)
+            assert np.linalg.norm(delta) <= rho * (1 + 1e-12)
+        # The result is the 4th evaluation, at the 3rd re-projected perturbation.
+        np.testing.assert_allclose(np.asarray(grads[0][0]), a @ (w + delta), rtol=1e-12)
+        np.testing.assert_allclose(float(value), 0.5 * (w + delta) @ a @ (w + delta), rtol=1e-12)
 
 
 def test_second_order_term_is_hessian_times_jacobian_transpose():
