@@ -586,22 +586,25 @@ def _clean_pass(step: Step, i: int, w: Any) -> tuple[jax.Array, Any]:
 def materialize(step: Step, keep_grads: bool) -> Step:
     """The step of a :class:`GroupedObjective` with its clean gradients taken.
 
-    Group by group: ``call.updates`` becomes the mean clean gradient,
-    ``call.value`` the mean clean loss; with ``keep_grads`` every group's
-    gradient is kept as ``objective.grads`` (G params-sized buffers), for the
-    methods that need them all at once.
+    Group by group: ``call.updates`` becomes the mean clean gradient and
+    ``call.value`` the mean clean loss; the clean losses and aux go to
+    ``on_clean``. With ``keep_grads`` every group's gradient is kept as
+    ``objective.grads`` (G params-sized buffers), for the methods that need
+    them all at once; without, the groups run one after the other into a
+    running sum (:func:`_after`; one pass differentiating every group at the
+    same params holds every group's gradient until XLA sums them).
     """
     call = step.call
+    n = call.groups.n_groups
     w = _axes.as_varying(call.params, _axes.manual_axes(step.options.axes))
     total, losses, grads = None, [], []
-    for i in range(call.groups.n_groups):
+    for i in range(n):
         w_i = w if keep_grads else _after(None if total is None else (total, losses), w)
         loss, g = _clean_pass(step, i, w_i)
         losses.append(loss)
         if keep_grads:
             grads.append(g)
         total = g if total is None else optax.tree.add(total, g)
-    n = call.groups.n_groups
     mean = optax.tree.cast_like(optax.tree.scale(1.0 / n, total), call.updates)
     objective = call.objective._replace(grads=grads if keep_grads else [mean] * n)
     value = sum(losses) / n if call.value is None else call.value

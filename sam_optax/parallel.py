@@ -189,6 +189,7 @@ def _build_step(
     shape_batch: Callable[[Any], Any] = lambda batch: batch,
     kind: str,
     devices: Any = (),
+    donate: bool = False,
 ) -> Step:
     """``step(params, opt_state, batch, *args, rng=None)`` around one compiled body.
 
@@ -216,6 +217,8 @@ def _build_step(
     def step(params, opt_state, batch, *args, rng=None):
         per_device = _groups.shard_size(batch, n_devices, axis_name)
         _groups.groups_per_shard(per_device, group_size, n_devices)
+        if donate:
+            _check_not_donated(params, opt_state)
         while in_flight is not None and len(in_flight) >= CPU_STEPS_IN_FLIGHT:
             earlier = in_flight.popleft()
             if not earlier.is_deleted():
@@ -238,6 +241,23 @@ def _build_step(
     their maximum).
     """
     return step
+
+
+def _check_not_donated(params: Any, opt_state: Any) -> None:
+    """Refuses params or state an earlier call of a donating step already consumed.
+
+    Passing a donated array again fails inside XLA (on several CPU devices,
+    jaxlib 0.10, by crashing the process); this names the fix instead.
+    """
+    for name, tree in (("params", params), ("opt_state", opt_state)):
+        for leaf in jax.tree.leaves(tree):
+            if isinstance(leaf, jax.Array) and leaf.is_deleted():
+                raise ValueError(
+                    f"the {name} passed to the step were donated to an earlier call (the "
+                    "step builders donate params and optimizer state by default): pass the "
+                    "ones that call returned, or build the step with donate=False to keep "
+                    "your arrays."
+                )
 
 
 def _bounds_steps_in_flight(devices: Any) -> bool:
@@ -274,7 +294,7 @@ def shard_map_step(
     axis_name: str | tuple[str, ...] = "data",
     group_size: int | None = None,
     has_aux: bool = False,
-    donate: bool = False,
+    donate: bool = True,
 ) -> Step:
     """A jitted data-parallel SAM step on ``jax.shard_map`` over ``mesh``.
 
@@ -296,16 +316,27 @@ def shard_map_step(
     shardings they went in with.
 
     Args:
-      loss_fn: ``loss_fn(params, batch, *args[, rng=key]) -> loss`` or ``(loss, aux)``.
+      loss_fn: ``loss_fn(params, batch, *args[, rng=key]) -> loss`` (or
+        ``(loss, aux)``), the mean loss of a batch; ``args`` are replicated
+        extra inputs (e.g. model state). With ``rng`` given to the step,
+        ``loss_fn`` gets ``rng=key``, the key folded with the device and the
+        group index, and the same key serves both SAM passes (the paper's
+        dropout semantics).
       tx: an optax transformation containing ``sam(axis_name=axis_name)``.
       mesh: the device mesh; ``axis_name`` must name its data axes.
       axis_name: the data axis, or a tuple of data axes.
       group_size: examples per perturbation within a replica (None: the whole share).
       has_aux: ``loss_fn`` returns ``(loss, aux)``.
-      donate: donate params and optimizer state buffers to the step.
+      donate: donate the params and optimizer state passed in to the step
+        (their buffers hold the results: a training loop that rebinds
+        ``params, state, loss = step(params, state, batch)`` holds one copy);
+        the arrays passed in are deleted. ``donate=False`` keeps them.
 
     Returns:
-      ``step(params, opt_state, batch, *args, rng=None)``; see below.
+      ``step(params, opt_state, batch, *args, rng=None) -> (params, opt_state,
+      loss)`` and, with ``has_aux``, ``aux`` last: the mean clean loss and the
+      clean pass's aux (at ``w``, not at the perturbed point), averaged over
+      groups and devices (non-float leaves: their maximum).
 
     Raises:
       ValueError: at call time, when the batch does not split into devices x
@@ -360,6 +391,7 @@ def shard_map_step(
         compile_body=compile_body,
         kind="shard_map",
         devices=mesh.devices,
+        donate=donate,
     )
 
 
@@ -379,6 +411,7 @@ def pmap_step(
     group_size: int | None = None,
     has_aux: bool = False,
     devices: list[Any] | None = None,
+    donate: bool = True,
 ) -> Step:
     """The same step under ``jax.pmap`` (params and state in and out unreplicated).
 
@@ -394,9 +427,12 @@ def pmap_step(
       group_size: examples per perturbation within a device.
       has_aux: ``loss_fn`` returns ``(loss, aux)``.
       devices: the devices to map over (default: all local devices).
+      donate: donate the params and optimizer state passed in (as in
+        :func:`shard_map_step`).
 
     Returns:
-      ``step(params, opt_state, batch, *args, rng=None)``.
+      ``step(params, opt_state, batch, *args, rng=None)``, returning as
+      :func:`shard_map_step`'s does.
     """
     devs = list(devices) if devices is not None else jax.local_devices()
     n_dev = len(devs)
@@ -408,6 +444,7 @@ def pmap_step(
             in_axes=(None, None, 0, None, None),
             out_axes=None,
             devices=devs,
+            donate_argnums=(0, 1) if donate else (),
         )
 
     def per_device(batch):
@@ -424,6 +461,7 @@ def pmap_step(
         shape_batch=per_device,
         kind="pmap",
         devices=devs,
+        donate=donate,
     )
 
 
@@ -433,7 +471,7 @@ def grouped_step(
     *,
     group_size: int | None = None,
     has_aux: bool = False,
-    donate: bool = False,
+    donate: bool = True,
 ) -> Step:
     """A jitted SAM step on one device, one perturbation per group of ``group_size`` examples.
 
@@ -449,10 +487,12 @@ def grouped_step(
       tx: an optax transformation containing ``sam_optax.sam(...)``.
       group_size: examples per perturbation (m).
       has_aux: ``loss_fn`` returns ``(loss, aux)``.
-      donate: donate params and optimizer state buffers to the step.
+      donate: donate the params and optimizer state passed in (as in
+        :func:`shard_map_step`).
 
     Returns:
-      ``step(params, opt_state, batch, *args, rng=None)``.
+      ``step(params, opt_state, batch, *args, rng=None)``, returning as
+      :func:`shard_map_step`'s does.
 
     Examples:
       >>> import jax, jax.numpy as jnp, optax, sam_optax
@@ -461,7 +501,8 @@ def grouped_step(
       >>> tx = optax.chain(sam_optax.sam(0.1), optax.sgd(0.1))
       >>> step = grouped_step(loss, tx, group_size=2)
       >>> batch = jnp.array([[1.0, 2.0], [2.0, 3.0], [1.0, 1.0], [3.0, 2.0]])
-      >>> w, state, value = step(jnp.zeros(()), tx.init(jnp.zeros(())), batch)
+      >>> w = jnp.zeros(())
+      >>> w, state, value = step(w, tx.init(w), batch)
       >>> print(round(float(value), 3))
       4.5
     """
@@ -474,6 +515,7 @@ def grouped_step(
         n_devices=1,
         compile_body=lambda body: jax.jit(body, donate_argnums=(0, 1) if donate else ()),
         kind="one device",
+        donate=donate,
     )
 
 

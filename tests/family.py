@@ -37,6 +37,10 @@ class Method:
       static: its hyperparameters ``optax.inject_hyperparams`` must keep static.
       always: hyperparameters that make every step a SAM step (for the
         switching methods).
+      scratch: the scratch memory its step may hold beyond a hand-written SAM
+        step, in units of the params' bytes (what its maths keeps alive at
+        once; ``tests/test_memory.py`` holds it to that, ``benchmarks/memory.py``
+        prints it).
     """
 
     name: str
@@ -47,6 +51,7 @@ class Method:
     refuses: tuple[str, ...] = ()
     static: tuple[str, ...] = ()
     always: dict[str, Any] = dataclasses.field(default_factory=dict)
+    scratch: float = 0.05
 
     @property
     def factory(self) -> Callable[..., Any]:
@@ -87,13 +92,16 @@ _MOMENT_ONLY = (
     "sync_perturbation", "cosine", "seed",
 )  # fmt: skip
 
+# scratch: g and g_SAM together (GSAM, WSAM, LookSAM's SAM steps); g alive
+# through the branch (RST, AE-SAM); g and the direction g - sigma m while m is
+# updated in place (F-SAM); g and its kept leaves (ESAM with beta < 1).
 METHODS = [
     Method("sam"),
-    Method("gsam", {"alpha": 0.3}),
-    Method("looksam", {"every": 2, "alpha": 0.5}, stored=1),
-    Method("rst", {"probability": 0.5}, always={"probability": 1.0}),
-    Method("aesam", {"threshold": 0.0}, always={"threshold": -1e9}),
-    Method("fsam", {"sigma": 0.5}, stored=1),
+    Method("gsam", {"alpha": 0.3}, scratch=1.05),
+    Method("looksam", {"every": 2, "alpha": 0.5}, stored=1, scratch=1.05),
+    Method("rst", {"probability": 0.5}, always={"probability": 1.0}, scratch=1.05),
+    Method("aesam", {"threshold": 0.0}, always={"threshold": -1e9}, scratch=1.05),
+    Method("fsam", {"sigma": 0.5}, stored=1, scratch=1.05),
     Method("vasso", {"theta": 0.5}, stored=1),
     Method(
         "esam",
@@ -101,9 +109,10 @@ METHODS = [
         per_example=True,
         refuses=("ascent_steps", "second_order", "direction"),
         static=("gamma",),
+        scratch=1.05,
     ),
-    Method("msam", wraps=True, refuses=_MOMENT_ONLY),
-    Method("wsam", {"gamma": 0.7, "learning_rate": 0.05}, wraps=True),
+    Method("msam", wraps=True, refuses=_MOMENT_ONLY, scratch=0.1),
+    Method("wsam", {"gamma": 0.7, "learning_rate": 0.05}, wraps=True, scratch=1.05),
 ]
 BY_NAME = {m.name: m for m in METHODS}
 

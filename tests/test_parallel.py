@@ -407,3 +407,28 @@ def test_per_device_sam_trains_as_well_as_single_device_sam():
         results[name] = accuracy(jax.tree.map(np.asarray, params))
     assert results["single"] > 0.9, results
     assert abs(results["devices"] - results["single"]) < 3e-2, results
+
+
+def test_the_builders_donate_and_name_a_reused_argument():
+    # Donation is the default; passing the donated params again gets a message
+    # naming the fix (not XLA's deleted-buffer error, which crashes the process
+    # on several CPU devices).
+    loss = lambda w, b: jnp.mean((b[:, 0] * w["a"] - b[:, 1]) ** 2)  # noqa: E731
+    w, batch = {"a": jnp.ones(())}, jnp.ones((16, 2))
+    mesh = jax.make_mesh((8,), ("data",))
+    tx = optax.chain(sam_optax.sam(0.1, axis_name="data"), optax.sgd(0.1))
+    args = (
+        parallel.replicate(w, mesh),
+        parallel.replicate(tx.init(w), mesh),
+        parallel.shard_batch(batch, mesh),
+    )
+    step = parallel.shard_map_step(loss, tx, mesh)
+    new_w, _, _ = step(*args)
+    assert args[0]["a"].is_deleted() and not new_w["a"].is_deleted()
+    with pytest.raises(ValueError, match="donated to an earlier call"):
+        step(*args)
+    single = optax.chain(sam_optax.sam(0.1), optax.sgd(0.1))
+    kept = parallel.grouped_step(loss, single, group_size=4, donate=False)
+    state = single.init(w)
+    kept(w, state, batch)
+    kept(w, state, batch)  # donate=False leaves the arrays alone
