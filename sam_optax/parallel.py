@@ -114,6 +114,7 @@ def _device_step(
     loss_fn: LossFn,
     tx: optax.GradientTransformation,
     has_aux: bool,
+    per_example: bool,
     group_size: int | None,
     names: tuple[Hashable, ...],
     params: Any,
@@ -143,7 +144,18 @@ def _device_step(
         out = loss_fn(point, groups[i], *args, **kwargs)
         return out if has_aux else (out, None)
 
-    if n_groups == 1:
+    if per_example:  # loss_fn gives one loss per example (ESAM); the step descends their mean
+        local = _axes.as_varying(params, manual)
+
+        def mean_loss(p: Any) -> tuple[jax.Array, tuple[jax.Array, Any]]:
+            losses, aux = group_loss(0, p)
+            return jnp.mean(losses), (losses, aux)
+
+        (loss, (losses, aux)), grads = jax.value_and_grad(mean_loss, has_aux=True)(local)
+        extra = {"value_fn": lambda p: group_loss(0, p)[0], "value": losses}
+        updates, opt_state = tx.update(grads, opt_state, params, **extra)
+        auxes = [aux]
+    elif n_groups == 1:
         local = _axes.as_varying(params, manual)
         (loss, aux), grads = jax.value_and_grad(lambda p: group_loss(0, p), has_aux=True)(local)
         extra = {"value_fn": lambda p: group_loss(0, p)[0], "value": loss}
@@ -184,6 +196,7 @@ def _build_step(
     has_aux: bool,
     group_size: int | None,
     axis_name: str | None,
+    per_example: bool = False,
     n_devices: int,
     compile_body: Callable[[Callable[..., Any]], Callable[..., Any]],
     shape_batch: Callable[[Any], Any] = lambda batch: batch,
@@ -205,9 +218,25 @@ def _build_step(
     _groups.check_group_size(group_size)
     names = _axes.axis_names(axis_name)
 
+    if per_example and group_size is not None:
+        raise ValueError(
+            "per_example=True (per-example losses, for ESAM) takes no group_size: ESAM "
+            "selects examples within each device's share."
+        )
+
     def body(params, opt_state, batch, args, rng):
         return _device_step(
-            loss_fn, tx, has_aux, group_size, names, params, opt_state, batch, args, rng
+            loss_fn,
+            tx,
+            has_aux,
+            per_example,
+            group_size,
+            names,
+            params,
+            opt_state,
+            batch,
+            args,
+            rng,
         )
 
     compiled = compile_body(body)
@@ -251,13 +280,21 @@ def _check_not_donated(params: Any, opt_state: Any) -> None:
     """
     for name, tree in (("params", params), ("opt_state", opt_state)):
         for leaf in jax.tree.leaves(tree):
-            if isinstance(leaf, jax.Array) and leaf.is_deleted():
+            if _deleted(leaf):
                 raise ValueError(
                     f"the {name} passed to the step were donated to an earlier call (the "
                     "step builders donate params and optimizer state by default): pass the "
                     "ones that call returned, or build the step with donate=False to keep "
                     "your arrays."
                 )
+
+
+def _deleted(x: Any) -> bool:
+    """Whether ``x`` is an array whose buffer was deleted (a traced value is not)."""
+    try:
+        return isinstance(x, jax.Array) and x.is_deleted()
+    except jax.errors.ConcretizationTypeError:  # the step called inside a trace
+        return False
 
 
 def _bounds_steps_in_flight(devices: Any) -> bool:
@@ -294,6 +331,7 @@ def shard_map_step(
     axis_name: str | tuple[str, ...] = "data",
     group_size: int | None = None,
     has_aux: bool = False,
+    per_example: bool = False,
     donate: bool = True,
 ) -> Step:
     """A jitted data-parallel SAM step on ``jax.shard_map`` over ``mesh``.
@@ -327,6 +365,9 @@ def shard_map_step(
       axis_name: the data axis, or a tuple of data axes.
       group_size: examples per perturbation within a replica (None: the whole share).
       has_aux: ``loss_fn`` returns ``(loss, aux)``.
+      per_example: ``loss_fn`` returns the per-example losses of the batch
+        (a vector; the step descends their mean), for
+        :func:`sam_optax.esam`; no ``group_size`` then.
       donate: donate the params and optimizer state passed in to the step
         (their buffers hold the results: a training loop that rebinds
         ``params, state, loss = step(params, state, batch)`` holds one copy);
@@ -388,6 +429,7 @@ def shard_map_step(
         group_size=group_size,
         axis_name=names if len(names) > 1 else names[0],
         n_devices=math.prod(mesh.shape[n] for n in names),
+        per_example=per_example,
         compile_body=compile_body,
         kind="shard_map",
         devices=mesh.devices,
@@ -410,6 +452,7 @@ def pmap_step(
     axis_name: str = "batch",
     group_size: int | None = None,
     has_aux: bool = False,
+    per_example: bool = False,
     devices: list[Any] | None = None,
     donate: bool = True,
 ) -> Step:
@@ -426,6 +469,8 @@ def pmap_step(
       axis_name: the pmap axis name.
       group_size: examples per perturbation within a device.
       has_aux: ``loss_fn`` returns ``(loss, aux)``.
+      per_example: ``loss_fn`` returns per-example losses (ESAM; as in
+        :func:`shard_map_step`).
       devices: the devices to map over (default: all local devices).
       donate: donate the params and optimizer state passed in (as in
         :func:`shard_map_step`).
@@ -457,6 +502,7 @@ def pmap_step(
         group_size=group_size,
         axis_name=axis_name,
         n_devices=n_dev,
+        per_example=per_example,
         compile_body=compile_body,
         shape_batch=per_device,
         kind="pmap",
@@ -471,6 +517,7 @@ def grouped_step(
     *,
     group_size: int | None = None,
     has_aux: bool = False,
+    per_example: bool = False,
     donate: bool = True,
 ) -> Step:
     """A jitted SAM step on one device, one perturbation per group of ``group_size`` examples.
@@ -487,6 +534,8 @@ def grouped_step(
       tx: an optax transformation containing ``sam_optax.sam(...)``.
       group_size: examples per perturbation (m).
       has_aux: ``loss_fn`` returns ``(loss, aux)``.
+      per_example: ``loss_fn`` returns per-example losses (ESAM; as in
+        :func:`shard_map_step`).
       donate: donate the params and optimizer state passed in (as in
         :func:`shard_map_step`).
 
@@ -513,6 +562,7 @@ def grouped_step(
         group_size=group_size,
         axis_name=None,
         n_devices=1,
+        per_example=per_example,
         compile_body=lambda body: jax.jit(body, donate_argnums=(0, 1) if donate else ()),
         kind="one device",
         donate=donate,

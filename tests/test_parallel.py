@@ -432,3 +432,35 @@ def test_the_builders_donate_and_name_a_reused_argument():
     state = single.init(w)
     kept(w, state, batch)
     kept(w, state, batch)  # donate=False leaves the arrays alone
+
+
+def test_per_example_losses_reach_esam_on_each_device():
+    # ESAM under the 8-device builder: each device selects among its own
+    # examples; the first step is the mean of the single-device ESAM steps.
+    rng = np.random.default_rng(3)
+    x, y = rng.normal(size=(64, 3)), rng.normal(size=64)
+    w = {"a": jnp.asarray(rng.normal(size=3))}
+
+    def per_example(p, batch):
+        return (batch[0] @ p["a"] - batch[1]) ** 2
+
+    mesh = jax.make_mesh((8,), ("data",))
+    tx = optax.chain(sam_optax.esam(0.3, gamma=0.5, axis_name="data"), optax.sgd(0.1))
+    step = parallel.shard_map_step(per_example, tx, mesh, per_example=True)
+    new_w, _, loss = step(
+        parallel.replicate(w, mesh),
+        parallel.replicate(tx.init(w), mesh),
+        parallel.shard_batch((jnp.asarray(x), jnp.asarray(y)), mesh),
+    )
+    single = optax.chain(sam_optax.esam(0.3, gamma=0.5), optax.sgd(0.1))
+    updates = []
+    for d in range(8):
+        shard = (jnp.asarray(x[8 * d : 8 * d + 8]), jnp.asarray(y[8 * d : 8 * d + 8]))
+        f = lambda p, shard=shard: per_example(p, shard)  # noqa: E731
+        g = jax.grad(lambda p: jnp.mean(f(p)))(w)
+        updates.append(single.update(g, single.init(w), w, value_fn=f, value=f(w))[0])
+    expected = jax.tree.map(lambda p, *u: p + sum(u) / 8, w, *updates)
+    np.testing.assert_allclose(np.asarray(new_w["a"]), np.asarray(expected["a"]), rtol=1e-5)
+    np.testing.assert_allclose(float(loss), np.mean((x @ np.asarray(w["a"]) - y) ** 2), rtol=1e-5)
+    with pytest.raises(ValueError, match="takes no group_size"):
+        parallel.grouped_step(per_example, single, group_size=4, per_example=True)
