@@ -22,6 +22,7 @@ import optax
 from jax.sharding import PartitionSpec as P
 
 import sam_optax
+from sam_optax import flax as sam_flax
 from sam_optax import parallel
 from sam_optax.program import configs
 from sam_optax.program import input_pipeline
@@ -40,44 +41,27 @@ EVAL_BATCH = 1000
 def make_sam(
     config: configs.Config, total_steps: int, axis_name: Any = "data"
 ) -> optax.GradientTransformationExtraArgs:
-    """The SAM-family transformation of ``config.method`` (``sam(0.0)`` when ``rho == 0``).
+    """The transformation of ``config.method`` (:data:`~sam_optax.program.configs.METHODS`),
+    or ``sam(0.0)`` (the data-parallel average alone) when ``rho == 0``.
 
     ``axis_name`` is the data axis (or ``('data', 'sync')`` with
     ``config.sync_group``: one perturbation per group of devices).
     """
     if config.rho == 0:
         return sam_optax.sam(0.0, axis_name=axis_name)
-    if config.method == "msam":
-        if config.adaptive or config.norm != 2 or config.sync_perturbation:
-            raise UsageError(
-                "--method msam takes neither --adaptive, --norm nor --sync-perturbation."
-            )
-        return sam_optax.msam(config.msam_rho, momentum=config.momentum, axis_name=axis_name)
+    method = configs.METHODS[config.method]
+    if not method.perturbation_options:
+        return method.build(config, {"axis_name": axis_name}, total_steps)
     sync = config.sync_perturbation
     if config.sync_group is not None and axis_name is not None:
         sync = "sync"
-    common = {
+    options = {
         "norm": config.norm,
         "adaptive": config.adaptive,
         "axis_name": axis_name,
         "sync_perturbation": sync,
     }
-    rho = config.rho
-    factories = {
-        "sam": lambda: sam_optax.sam(rho, **common),
-        "gsam": lambda: sam_optax.gsam(rho, config.gsam_alpha, **common),
-        "looksam": lambda: sam_optax.looksam(
-            rho, config.looksam_every, config.looksam_alpha, **common
-        ),
-        "rst": lambda: sam_optax.rst(rho, config.rst_probability, seed=config.seed, **common),
-        "aesam": lambda: sam_optax.aesam(
-            rho,
-            optax.linear_schedule(config.aesam_threshold, -config.aesam_threshold, total_steps),
-            **common,
-        ),
-        "fsam": lambda: sam_optax.fsam(rho, config.fsam_sigma, decay=config.fsam_decay, **common),
-    }
-    return factories[config.method]()
+    return method.build(config, options, total_steps)
 
 
 def make_optimizer(
@@ -118,52 +102,52 @@ def l2_penalty(params: Any) -> jax.Array:
 def make_loss(model, normalize, config: configs.Config, num_classes: int):
     """``loss(params, batch, batch_stats, rng) -> (objective, (new_batch_stats, metrics))``.
 
-    The objective is the (label-smoothed) cross entropy, plus
-    ``weight_decay * l2_penalty`` with ``l2_in_loss``. ``metrics`` holds the
-    cross entropy (``loss``) and the accuracy of this pass. Augmentation and
-    dropout draw from ``rng``, which the SAM step passes unchanged to both
-    passes; BatchNorm runs in training mode and the new statistics come from
-    this (the clean) pass.
+    The model's pass is :func:`sam_optax.flax.linen_loss_fn` (training mode:
+    BatchNorm normalizes with the batch's statistics and the new statistics
+    come from this, the clean, pass). The objective is the (label-smoothed)
+    cross entropy, plus ``weight_decay * l2_penalty`` with ``l2_in_loss``;
+    ``metrics`` holds the cross entropy (``loss``) and the accuracy of the
+    pass. Augmentation and dropout draw from ``rng``, which the SAM step
+    passes unchanged to both passes.
     """
+
+    def criterion(logits: jax.Array, y: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+        targets = optax.smooth_labels(jax.nn.one_hot(y, num_classes), config.label_smoothing)
+        xent = optax.softmax_cross_entropy(logits, targets).mean()
+        return xent, {"loss": xent, "accuracy": jnp.mean(jnp.argmax(logits, -1) == y)}
+
+    forward = sam_flax.linen_loss_fn(model.apply, criterion, has_aux=True, train=True)
+    decay = config.weight_decay if config.l2_in_loss else 0.0
 
     def loss(params, batch, batch_stats, rng):
         x, y = batch
         aug_key, dropout_key = jax.random.split(rng)
         x = augment(normalize(x), aug_key, config.augment)
-        variables = {"params": params}
-        if batch_stats is not None:
-            variables["batch_stats"] = batch_stats
-        out = model.apply(
-            variables,
-            x,
-            train=True,
-            mutable=["batch_stats"] if batch_stats is not None else False,
-            rngs={"dropout": dropout_key},
-        )
-        logits, mutated = out if batch_stats is not None else (out, {})
-        targets = optax.smooth_labels(jax.nn.one_hot(y, num_classes), config.label_smoothing)
-        xent = optax.softmax_cross_entropy(logits, targets).mean()
-        objective = xent
-        if config.l2_in_loss and config.weight_decay:
-            objective = xent + config.weight_decay * l2_penalty(params)
-        metrics = {"loss": xent, "accuracy": jnp.mean(jnp.argmax(logits, -1) == y)}
-        return objective, (mutated.get("batch_stats"), metrics)
+        xent, aux = forward(params, (x, y), batch_stats, dropout_key)
+        return (xent + decay * l2_penalty(params) if decay else xent), aux
 
     return loss
 
 
-def make_eval(model, normalize, num_classes: int):
-    """``evaluate(params, batch_stats, x, y) -> (mean loss, accuracy)`` in chunks of EVAL_BATCH."""
-    del num_classes
+def make_eval(model, normalize):
+    """``evaluate(params, batch_stats, x, y) -> (mean loss, accuracy)`` in chunks of EVAL_BATCH.
+
+    The model in evaluation mode (running BatchNorm statistics, no dropout),
+    through :func:`sam_optax.flax.linen_loss_fn`.
+    """
+
+    def criterion(logits: jax.Array, y: jax.Array) -> tuple[jax.Array, jax.Array]:
+        losses = optax.softmax_cross_entropy_with_integer_labels(logits, y)
+        return jnp.sum(losses), jnp.sum(jnp.argmax(logits, -1) == y)
+
+    forward = sam_flax.linen_loss_fn(
+        model.apply, criterion, update_batch_stats=False, has_aux=True, train=False
+    )
 
     @jax.jit
     def eval_batch(params, batch_stats, x, y):
-        variables = {"params": params}
-        if batch_stats is not None:
-            variables["batch_stats"] = batch_stats
-        logits = model.apply(variables, normalize(x), train=False)
-        losses = optax.softmax_cross_entropy_with_integer_labels(logits, y)
-        return jnp.sum(losses), jnp.sum(jnp.argmax(logits, -1) == y)
+        total, (_, correct) = forward(params, (normalize(x), y), batch_stats)
+        return total, correct
 
     def evaluate(params, batch_stats, x, y) -> tuple[float, float]:
         params, batch_stats = host_copy((params, batch_stats))
@@ -192,25 +176,6 @@ def host_copy(tree: Any) -> Any:
 # --------------------------------------------------------------------------
 
 
-def mesh_shape(config: configs.Config, n_devices: int) -> dict[str, int]:
-    """The mesh axes of a run: ``data`` (split into ``data`` x ``sync`` with
-    ``sync_group``) and ``model``; ``config.mesh`` like ``'data=4,model=2'``."""
-    axes = configs.parse_mesh(config.mesh)
-    model = axes.get("model", 1)
-    data = axes.get("data", n_devices // model)
-    if data * model != n_devices:
-        raise UsageError(
-            f"--mesh {config.mesh!r} needs {data * model} devices, {n_devices} are here."
-        )
-    if config.sync_group is None:
-        return {"data": data, "model": model}
-    if data % config.sync_group:
-        raise UsageError(
-            f"--sync-group {config.sync_group} does not divide the {data} data replicas."
-        )
-    return {"data": data // config.sync_group, "sync": config.sync_group, "model": model}
-
-
 def data_axes(shape: dict[str, int]) -> str | tuple[str, str]:
     return ("data", "sync") if "sync" in shape else "data"
 
@@ -235,9 +200,14 @@ def param_specs(params: Any, model_size: int) -> Any:
 # --------------------------------------------------------------------------
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class Trainer:
-    """A compiled training setup: data, mesh, step, evaluation and the placed initial state."""
+    """A compiled training setup: data, mesh, step, evaluation and the placed initial state.
+
+    Immutable: the training loop passes the state along
+    (``{'params', 'batch_stats', 'opt_state'}``, starting from
+    ``initial_state``) and hands it to :attr:`step`.
+    """
 
     config: configs.Config
     dataset: input_pipeline.Dataset
@@ -249,7 +219,7 @@ class Trainer:
     step: Callable[..., Any]
     evaluate: Callable[..., Any]
     schedule: Callable[[int], Any]
-    state: dict[str, Any]
+    initial_state: dict[str, Any]
 
     def batch(self, indices: np.ndarray) -> Any:
         """The global batch of these example indices; each process feeds its own slice."""
@@ -274,7 +244,7 @@ def build_trainer(config: configs.Config, dataset: input_pipeline.Dataset | None
             f"--batch-size {config.batch_size} is larger than the "
             f"{len(dataset.x_train)} training examples."
         )
-    shape = mesh_shape(config, n_devices)
+    shape = configs.mesh_shape(config, n_devices)
     mesh = jax.make_mesh(
         tuple(shape.values()),
         tuple(shape),
@@ -314,7 +284,7 @@ def build_trainer(config: configs.Config, dataset: input_pipeline.Dataset | None
         mesh=mesh,
         data_axes=axes,
         step=step,
-        evaluate=make_eval(model, normalize, dataset.num_classes),
+        evaluate=make_eval(model, normalize),
         schedule=optax.cosine_decay_schedule(config.lr, total_steps),
-        state=state,
+        initial_state=state,
     )
