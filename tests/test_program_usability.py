@@ -1,5 +1,6 @@
 """The program as a user meets it: recipes per dataset, help, missing extras,
-divergence, the paper's CIFAR recipe, step-level checkpoints."""
+divergence, the paper's CIFAR recipe, Ctrl-C and resume with the run's own
+settings, meshes, what a run leaves behind."""
 
 import importlib.metadata
 import io

@@ -7,10 +7,11 @@
     metrics.jsonl     one line per epoch (strict JSON: a non-finite number is null)
     checkpoints/      orbax checkpoints keyed by the number of steps done (the last two)
     summary.json      written when the run completes
+    .lock             while a process works in the directory (deleted when it ends)
 
 Every JSON file is written whole to a temporary file and renamed into place,
 so a run killed at any moment leaves either the old or the new file, never a
-torn one. With several processes (``jax.distributed``) only process 0 writes
+torn one; it gets the permissions of any new file (the umask's). With several processes (``jax.distributed``) only process 0 writes
 files; every process takes part in a checkpoint (orbax coordinates them).
 """
 

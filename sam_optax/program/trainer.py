@@ -4,9 +4,10 @@
 a :class:`Trainer`: the model, its (placed) initial state, the device mesh
 (``data`` replicas, optionally split into ``sync`` groups that share one
 perturbation, and a ``model`` axis that shards the params within each
-replica), the data-parallel SAM step and the evaluation. The training loop
-(:mod:`sam_optax.program.train`) and the comparisons' cost measurements
-(:mod:`sam_optax.program.compare`) build on it.
+replica), the data-parallel SAM step and the evaluation, both built on
+:func:`sam_optax.flax.linen_loss_fn`. The method comes from
+:data:`~sam_optax.program.configs.METHODS`. The training loop
+(:mod:`sam_optax.program.train`) builds on it.
 """
 
 from __future__ import annotations
