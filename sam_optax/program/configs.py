@@ -34,6 +34,7 @@ import math
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 from typing import NamedTuple
 
@@ -368,7 +369,7 @@ def resolve(config_name: str | None, overrides: dict[str, Any]) -> tuple[str, Co
 
 
 def resumed(
-    saved: Config, config_name: str | None, overrides: dict[str, Any], where: str
+    saved: Config, config_name: str | None, overrides: dict[str, Any], where: str | Path
 ) -> Config:
     """The settings of a resumed run: its own (``saved``), whatever the recipes say now.
 
@@ -381,15 +382,16 @@ def resumed(
     conflicts = [n for n in names if getattr(wanted, n) != getattr(saved, n)]
     if not conflicts:
         return saved
-    said = [
-        (as_flag(n, getattr(wanted, n)) if n in overrides else f"--config {config_name}'s "
-         + as_flag(n, getattr(wanted, n)))
-        + f" (the run has {as_flag(n, getattr(saved, n))})"
-        for n in conflicts
-    ]  # fmt: skip
+
+    def contradiction(name: str) -> str:
+        asked = as_flag(name, getattr(wanted, name))
+        if name not in overrides:
+            asked = f"--config {config_name}'s {asked}"
+        return f"{asked} (the run has {as_flag(name, getattr(saved, name))})"
+
     raise UsageError(
-        f"--resume: {'; '.join(said)}, in {where}. A resumed run keeps its own settings: leave "
-        "those flags out, or start a new run in another --out."
+        f"--resume: {'; '.join(map(contradiction, conflicts))}, in {where}. A resumed run keeps "
+        "its own settings: leave those flags out, or start a new run in another --out."
     )
 
 
