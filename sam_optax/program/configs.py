@@ -57,47 +57,58 @@ MESH_AXES = ("data", "model")
 class Method(NamedTuple):
     """A SAM-family method of the program.
 
-    ``build(config, options, total_steps)`` returns its transformation;
+    ``build(config, options, total_steps, base)`` returns its transformation.
     ``options`` holds the perturbation options (``norm``, ``adaptive``,
     ``axis_name``, ``sync_perturbation``) when ``perturbation_options``,
-    else ``axis_name`` alone. ``radius`` names the :class:`Config` field of
-    its radius (reported in the tables). ``second_gradient``: its SAM steps
-    take a gradient besides the caller's (so a step costs 1 + the fraction
-    of SAM steps, from the ``sam_step`` diagnostic).
+    else ``axis_name`` alone; ``base`` is the base optimizer (clipping,
+    decoupled weight decay, SGD), which the program chains after the
+    method's transformation, unless ``wraps_base``: then the transformation
+    built is the whole optimizer (a method that reads or wraps the base
+    optimizer). ``radius`` names the :class:`Config` field of its radius
+    (reported in the tables). ``second_gradient``: its SAM steps take a
+    gradient besides the caller's (so a step costs 1 + the fraction of SAM
+    steps, from the ``sam_step`` diagnostic).
     """
 
     label: str
-    build: Callable[[Config, dict[str, Any], int], optax.GradientTransformationExtraArgs]
+    build: Callable[
+        [Config, dict[str, Any], int, optax.GradientTransformation],
+        optax.GradientTransformationExtraArgs,
+    ]
     radius: str = "rho"
     perturbation_options: bool = True
     second_gradient: bool = True
+    wraps_base: bool = False
 
 
+# Adding a method: its hyperparameters as Config fields (below), one entry here.
 METHODS: dict[str, Method] = {
-    "sam": Method("SAM", lambda c, kw, steps: sam_optax.sam(c.rho, **kw)),
-    "gsam": Method("GSAM", lambda c, kw, steps: sam_optax.gsam(c.rho, c.gsam_alpha, **kw)),
+    "sam": Method("SAM", lambda c, kw, steps, base: sam_optax.sam(c.rho, **kw)),
+    "gsam": Method("GSAM", lambda c, kw, steps, base: sam_optax.gsam(c.rho, c.gsam_alpha, **kw)),
     "looksam": Method(
         "LookSAM",
-        lambda c, kw, steps: sam_optax.looksam(c.rho, c.looksam_every, c.looksam_alpha, **kw),
+        lambda c, kw, steps, base: sam_optax.looksam(c.rho, c.looksam_every, c.looksam_alpha, **kw),
     ),
     "msam": Method(
         "MSAM",
-        lambda c, kw, steps: sam_optax.msam(c.msam_rho, momentum=c.momentum, **kw),
+        lambda c, kw, steps, base: sam_optax.msam(c.msam_rho, momentum=c.momentum, **kw),
         radius="msam_rho",
         perturbation_options=False,
         second_gradient=False,
     ),
     "rst": Method(
-        "RST", lambda c, kw, steps: sam_optax.rst(c.rho, c.rst_probability, seed=c.seed, **kw)
+        "RST",
+        lambda c, kw, steps, base: sam_optax.rst(c.rho, c.rst_probability, seed=c.seed, **kw),
     ),
     "aesam": Method(
         "AE-SAM",
-        lambda c, kw, steps: sam_optax.aesam(
+        lambda c, kw, steps, base: sam_optax.aesam(
             c.rho, optax.linear_schedule(c.aesam_threshold, -c.aesam_threshold, steps), **kw
         ),
     ),
     "fsam": Method(
-        "F-SAM", lambda c, kw, steps: sam_optax.fsam(c.rho, c.fsam_sigma, decay=c.fsam_decay, **kw)
+        "F-SAM",
+        lambda c, kw, steps, base: sam_optax.fsam(c.rho, c.fsam_sigma, decay=c.fsam_decay, **kw),
     ),
 }
 

@@ -39,30 +39,19 @@ EVAL_BATCH = 1000
 # --------------------------------------------------------------------------
 
 
-def make_sam(
-    config: configs.Config, total_steps: int, axis_name: Any = "data"
-) -> optax.GradientTransformationExtraArgs:
-    """The transformation of ``config.method`` (:data:`~sam_optax.program.configs.METHODS`),
-    or ``sam(0.0)`` (the data-parallel average alone) when ``rho == 0``.
-
-    ``axis_name`` is the data axis (or ``('data', 'sync')`` with
-    ``config.sync_group``: one perturbation per group of devices).
-    """
-    if config.rho == 0:
-        return sam_optax.sam(0.0, axis_name=axis_name)
-    method = configs.METHODS[config.method]
-    if not method.perturbation_options:
-        return method.build(config, {"axis_name": axis_name}, total_steps)
+def _method_options(config: configs.Config, axis_name: Any) -> dict[str, Any]:
+    """The options handed to the method's factory: the perturbation's, or the axis alone."""
+    if not configs.METHODS[config.method].perturbation_options:
+        return {"axis_name": axis_name}
     sync = config.sync_perturbation
     if config.sync_group is not None and axis_name is not None:
         sync = "sync"
-    options = {
+    return {
         "norm": config.norm,
         "adaptive": config.adaptive,
         "axis_name": axis_name,
         "sync_perturbation": sync,
     }
-    return method.build(config, options, total_steps)
 
 
 def make_optimizer(
@@ -70,19 +59,28 @@ def make_optimizer(
 ) -> optax.GradientTransformation:
     """``chain(method, [clip], [add_decayed_weights], sgd(cosine))``; rho = 0 is data-parallel SGD.
 
-    The method (``sam`` or a variant) averages the SAM gradients over the
-    devices, so the clipping acts on the averaged gradient (the paper's code).
-    Weight decay is decoupled unless ``l2_in_loss`` puts it in the loss
-    (:func:`make_loss`).
+    The method (:data:`~sam_optax.program.configs.METHODS`; ``sam(0.0)``, the
+    data-parallel average alone, when ``rho == 0``) averages the SAM
+    gradients over the devices, so the clipping acts on the averaged gradient
+    (the paper's code); a method that ``wraps_base`` builds the whole
+    optimizer around the same base. ``axis_name`` is the data axis (or
+    ``('data', 'sync')`` with ``config.sync_group``: one perturbation per
+    group of devices). Weight decay is decoupled unless ``l2_in_loss`` puts it
+    in the loss (:func:`make_loss`).
     """
     schedule = optax.cosine_decay_schedule(config.lr, total_steps)
-    parts = [make_sam(config, total_steps, axis_name)]
+    parts = []
     if config.clip_norm is not None:
         parts.append(optax.clip_by_global_norm(config.clip_norm))
     if config.weight_decay and not config.l2_in_loss:
         parts.append(optax.add_decayed_weights(config.weight_decay))
     parts.append(optax.sgd(schedule, momentum=config.momentum, nesterov=config.nesterov))
-    return optax.chain(*parts)
+    if config.rho == 0:
+        return optax.chain(sam_optax.sam(0.0, axis_name=axis_name), *parts)
+    method = configs.METHODS[config.method]
+    options = _method_options(config, axis_name)
+    tx = method.build(config, options, total_steps, optax.chain(*parts))
+    return tx if method.wraps_base else optax.chain(tx, *parts)
 
 
 def normalizer(dataset: input_pipeline.Dataset) -> Callable[[jax.Array], jax.Array]:
