@@ -51,9 +51,7 @@ rho_for = {0.2: 0.2, 0.4: 0.2, 0.6: 0.1, 0.8: 0.1}
 tables = {}
 for rate in noise_rates:
     config = base.replace(label_noise=rate, rho=rho_for[rate])
-    results = compare.compare(
-        config, rhos=[0.0, config.rho], seeds=seeds, out=out / f"noise{rate}", progress=False
-    )
+    results = compare.compare(config, rhos=[0.0, config.rho], seeds=seeds, out=out / f"noise{rate}")
     tables[rate] = {row["method"]: row for row in results["table"]}
 
 lines = ["| noise | ρ | SGD (best of E, 2E) | SAM | gain |", "|---:|---:|---:|---:|---:|"]

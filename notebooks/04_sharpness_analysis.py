@@ -38,6 +38,7 @@ from sam_optax.program import configs
 from sam_optax.program import input_pipeline
 from sam_optax.program import models
 from sam_optax.program import train
+from sam_optax.program.rundir import restore_final
 
 FAST = os.environ.get("SAM_OPTAX_FAST") == "1"
 epochs = 4 if FAST else 20
@@ -45,8 +46,8 @@ out = Path(tempfile.mkdtemp(prefix="sharpness-"))
 runs = {}
 for name, rho, m in (("SGD", 0.0, None), ("SAM", 0.2, 8)):
     config = configs.recipe("digits-noise").replace(epochs=epochs, rho=rho, m=m)
-    summary = train.train_and_evaluate(config, out / name, progress=False)
-    runs[name] = train.restore_final(out / name)["params"]
+    summary = train.train_and_evaluate(config, out / name)
+    runs[name] = restore_final(out / name)["params"]
     print(f"{name}: test accuracy {summary['test_accuracy']:.3f}")
 
 # %% [markdown]

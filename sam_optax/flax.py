@@ -152,8 +152,10 @@ def nnx_train_step(loss_fn: Callable[..., Any], *, has_aux: bool = False) -> Cal
     ``step(model, optimizer, *args)`` runs the clean pass (updating BatchNorm
     statistics and the RNG counters of the model and of any ``nnx.Rngs`` in
     ``args`` in place, once), then ``optimizer.update(model, grads,
-    value_fn=...)`` whose perturbed pass runs on a snapshot taken before the
-    clean pass (:func:`nnx_value_and_grad`). Returns the clean pass's output:
+    value_fn=..., value=loss)`` whose perturbed pass runs on a snapshot taken
+    before the clean pass (:func:`nnx_value_and_grad`); the clean ``value``
+    makes the sharpness diagnostic available
+    (``optax.tree.get(optimizer.opt_state, 'sharpness')``). Returns the clean pass's output:
     the loss, or ``(loss, aux)`` with ``has_aux``. To update
     ``nnx.MultiMetric`` inside the compiled step, call it from your own
     ``nnx.jit`` function::
@@ -178,7 +180,8 @@ def nnx_train_step(loss_fn: Callable[..., Any], *, has_aux: bool = False) -> Cal
         out, grads, value_fn = nnx_value_and_grad(loss_fn, has_aux=has_aux, wrt=optimizer.wrt)(
             model, *args
         )
-        optimizer.update(model, grads, value_fn=value_fn)
+        value = out[0] if has_aux else out
+        optimizer.update(model, grads, value_fn=value_fn, value=value)
         return out
 
     return step
@@ -263,9 +266,10 @@ class SAMTrainState(train_state.TrainState):
 
     Linen's ``TrainState.apply_gradients(grads=..., **kwargs)`` treats extra
     keywords as fields to replace, so ``sam`` never sees its closure. Here
-    ``value_fn`` (and any ``tx_args``) go to ``tx.update``; other keywords
-    replace fields as before. ``batch_stats`` holds BatchNorm running
-    statistics (``None`` for models without BatchNorm).
+    ``value_fn``, the clean loss ``value`` (for the sharpness diagnostic) and
+    any ``tx_args`` go to ``tx.update``; other keywords replace fields as
+    before. ``batch_stats`` holds BatchNorm running statistics (``None`` for
+    models without BatchNorm).
     """
 
     batch_stats: Any = None
@@ -275,12 +279,15 @@ class SAMTrainState(train_state.TrainState):
         *,
         grads: Any,
         value_fn: Callable[[Any], Any] | None = None,
+        value: Any = None,
         tx_args: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> SAMTrainState:
         extra = dict(tx_args or {})
         if value_fn is not None:
             extra["value_fn"] = value_fn
+        if value is not None:
+            extra["value"] = value
         updates, opt_state = self.tx.update(grads, self.opt_state, self.params, **extra)
         return self.replace(
             step=self.step + 1,
@@ -290,12 +297,20 @@ class SAMTrainState(train_state.TrainState):
         )
 
 
+def _linen_variables(params: Any, batch_stats: Any) -> dict[str, Any]:
+    """``{'params': params}``, plus ``'batch_stats'`` when the model has BatchNorm."""
+    if batch_stats is None:
+        return {"params": params}
+    return {"params": params, "batch_stats": batch_stats}
+
+
 def linen_loss_fn(
     apply_fn: Callable[..., Any],
     criterion: Callable[[Any, Any], Any],
     *,
     update_batch_stats: bool = True,
     rng_collection: str = "dropout",
+    has_aux: bool = False,
     **model_kwargs: Any,
 ) -> Callable[..., tuple[Any, Any]]:
     """A Linen loss with BatchNorm statistics as state: ``f(params, batch, batch_stats, rng=None)``.
@@ -308,14 +323,18 @@ def linen_loss_fn(
     back unchanged: with a model that then normalizes with its running
     averages (e.g. ``model_kwargs={'train': True, 'frozen_bn': True}`` for a
     model that wires that flag to ``use_running_average``), that is the
-    finetuning setting. Plugs into :mod:`sam_optax.parallel` with
-    ``has_aux=True`` and ``batch_stats`` as the extra argument.
+    finetuning setting; with ``train=False``, the evaluation loss. Plugs into
+    :mod:`sam_optax.parallel` with ``has_aux=True`` and ``batch_stats`` as the
+    extra argument.
 
     Args:
       apply_fn: the model's ``apply``.
-      criterion: ``criterion(outputs, y) -> scalar``.
+      criterion: ``criterion(outputs, y) -> scalar`` (or ``(scalar, aux)``
+        with ``has_aux``: metrics of the pass, such as its accuracy).
       update_batch_stats: make ``batch_stats`` mutable in the pass.
       rng_collection: the RNG collection ``rng`` feeds (dropout).
+      has_aux: ``criterion`` returns ``(loss, aux)``; ``f`` then returns
+        ``(loss, (new_batch_stats, aux))``.
       **model_kwargs: passed to the model (``train=True``, ...).
 
     Returns:
@@ -326,9 +345,7 @@ def linen_loss_fn(
         params: Any, batch: Any, batch_stats: Any, rng: jax.Array | None = None
     ) -> tuple[Any, Any]:
         x, y = batch
-        variables = {"params": params}
-        if batch_stats is not None:
-            variables["batch_stats"] = batch_stats
+        variables = _linen_variables(params, batch_stats)
         rngs = {} if rng is None else {rng_collection: rng}
         if batch_stats is not None and update_batch_stats:
             outputs, mutated = apply_fn(
@@ -338,6 +355,9 @@ def linen_loss_fn(
         else:
             outputs = apply_fn(variables, x, rngs=rngs, **model_kwargs)
             new_stats = batch_stats
+        if has_aux:
+            loss, aux = criterion(outputs, y)
+            return loss, (new_stats, aux)
         return criterion(outputs, y), new_stats
 
     return f
@@ -349,9 +369,10 @@ def linen_train_step(
     """A jitted SAM train step for a :class:`SAMTrainState`.
 
     ``step(state, batch, rng=None) -> (state, loss)`` with ``loss_fn`` from
-    :func:`linen_loss_fn`: the clean pass gives the gradient and the new
-    ``batch_stats``; the perturbed pass (inside ``sam``) reuses ``rng`` and its
-    statistics are dropped.
+    :func:`linen_loss_fn`: the clean pass gives the gradient, the new
+    ``batch_stats`` and the clean loss (passed on as ``value=``, so the
+    sharpness diagnostic is recorded); the perturbed pass (inside ``sam``)
+    reuses ``rng`` and its statistics are dropped.
 
     Args:
       loss_fn: ``loss_fn(params, batch, batch_stats, rng) -> (loss, new_batch_stats)``.
@@ -368,7 +389,9 @@ def linen_train_step(
         (loss, new_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(
             state.params, batch, state.batch_stats, rng
         )
-        state = state.apply_gradients(grads=grads, value_fn=value_fn, batch_stats=new_stats)
+        state = state.apply_gradients(
+            grads=grads, value_fn=value_fn, value=loss, batch_stats=new_stats
+        )
         return state, loss
 
     return jax.jit(step, donate_argnums=(0,) if donate else ())

@@ -27,6 +27,7 @@ from sam_optax.program import cli
 from sam_optax.program import configs
 from sam_optax.program import train
 from sam_optax.program.rundir import restore_final
+from sam_optax.program.train import RunOptions
 
 from helpers import assert_trees_equal
 
@@ -91,15 +92,15 @@ def test_kill_during_a_checkpoint_write_resumes_from_the_previous_one(tmp_path):
 def test_a_corrupted_latest_checkpoint_is_reported_and_the_previous_used(tmp_path, capsys):
     c = configs.recipe("digits-noise").replace(epochs=2)
     full, cut = tmp_path / "full", tmp_path / "cut"
-    train.train_and_evaluate(c, full, progress=False, checkpoint_every=5)
-    train.train_and_evaluate(c, cut, progress=False, checkpoint_every=5)
+    train.train_and_evaluate(c, full, RunOptions(checkpoint_every=5))
+    train.train_and_evaluate(c, cut, RunOptions(checkpoint_every=5))
     latest = cut / "checkpoints" / "42"
     files = [p for p in latest.rglob("*") if p.is_file() and p.stat().st_size > 0]
     for p in files:  # garbage over every data file of the newest checkpoint
         p.write_bytes(os.urandom(p.stat().st_size))
     (cut / "summary.json").unlink()
     capsys.readouterr()
-    train.train_and_evaluate(c, cut, resume=True, progress=False, checkpoint_every=5)
+    train.train_and_evaluate(c, cut, RunOptions(resume=True, checkpoint_every=5))
     err = capsys.readouterr().err
     assert f"checkpoint {latest} is unreadable" in err and "previous one used" in err
     assert_trees_equal(_final(cut), _final(full))

@@ -76,6 +76,19 @@ def test_nnx_step_matches_the_hand_written_reference():
     assert not np.allclose(np.asarray(v["dense"]["kernel"]), np.asarray(v_other["dense"]["kernel"]))
 
 
+def test_nnx_train_step_passes_the_clean_loss_so_sharpness_is_recorded():
+    # The step builder hands the clean pass's loss to tx.update as `value=`:
+    # the sharpness diagnostic L(w + e) - L(w) is a number, not NaN.
+    batch = make_batch()
+    model = _nnx_model(dropout=0.0)
+    optimizer = nnx.Optimizer(model, optax.chain(sam_optax.sam(RHO), optax.sgd(LR)), wrt=nnx.Param)
+    loss = sam_flax.nnx_train_step(nnx_loss)(model, optimizer, batch)
+    sharpness = float(optax.tree.get(optimizer.opt_state, "sharpness"))
+    perturbed = float(optax.tree.get(optimizer.opt_state, "perturbed_loss"))
+    assert np.isfinite(sharpness) and sharpness > 0
+    np.testing.assert_allclose(sharpness, perturbed - float(loss), rtol=1e-5)
+
+
 def test_nnx_rho_zero_is_plain_sgd_step_for_step():
     batch = make_batch(1)
     a, b = _nnx_model(), _nnx_model()
@@ -262,6 +275,44 @@ def test_linen_step_matches_the_hand_written_reference():
     assert int(new.step) == 1
 
 
+def test_linen_train_step_passes_the_clean_loss_so_sharpness_is_recorded():
+    net, state = _linen_state(optax.chain(sam_optax.sam(RHO), optax.sgd(LR)), dropout=0.0)
+    step = sam_flax.linen_train_step(sam_flax.linen_loss_fn(net.apply, xent, train=True))
+    state, loss = step(state, make_batch(), jax.random.key(0))
+    sharpness = float(optax.tree.get(state.opt_state, "sharpness"))
+    perturbed = float(optax.tree.get(state.opt_state, "perturbed_loss"))
+    assert np.isfinite(sharpness) and sharpness > 0
+    np.testing.assert_allclose(sharpness, perturbed - float(loss), rtol=1e-5)
+
+
+def test_linen_loss_fn_with_aux_returns_the_criterions_metrics_beside_the_statistics():
+    net, state = _linen_state(optax.sgd(LR), dropout=0.0)
+    batch = make_batch()
+
+    def criterion(logits, y):
+        return xent(logits, y), {"accuracy": jnp.mean(jnp.argmax(logits, -1) == y)}
+
+    plain = sam_flax.linen_loss_fn(net.apply, xent, train=True)
+    with_aux = sam_flax.linen_loss_fn(net.apply, criterion, train=True, has_aux=True)
+    loss, stats = plain(state.params, batch, state.batch_stats)
+    loss_aux, (stats_aux, metrics) = with_aux(state.params, batch, state.batch_stats)
+    assert float(loss_aux) == float(loss)
+    assert_trees_equal(stats_aux, stats)
+    logits = net.apply(
+        {"params": state.params, "batch_stats": state.batch_stats},
+        batch[0],
+        train=True,
+        mutable=["batch_stats"],
+    )[0]
+    assert float(metrics["accuracy"]) == float(jnp.mean(jnp.argmax(logits, -1) == batch[1]))
+    # Evaluation mode: nothing mutable, the statistics come back as they went in.
+    evaluate = sam_flax.linen_loss_fn(
+        net.apply, criterion, update_batch_stats=False, train=False, has_aux=True
+    )
+    _, (same, _) = evaluate(state.params, batch, state.batch_stats)
+    assert same is state.batch_stats
+
+
 def test_linen_rho_zero_is_plain_sgd_step_for_step():
     batch, rng = make_batch(1), jax.random.key(3)
     net, state_a = _linen_state(optax.chain(sam_optax.sam(0.0), optax.sgd(LR, momentum=0.9)))
@@ -344,6 +395,9 @@ def test_sam_train_state_forwards_tx_args():
     state = sam_flax.SAMTrainState.create(apply_fn=None, params={"w": jnp.ones(2)}, tx=spy())
     state.apply_gradients(grads={"w": jnp.ones(2)}, value_fn="f", tx_args={"other": 1})
     assert seen == {"value_fn": "f", "other": 1}
+    seen.clear()
+    state.apply_gradients(grads={"w": jnp.ones(2)}, value_fn="f", value=0.5)
+    assert seen == {"value_fn": "f", "value": 0.5}
 
 
 # --------------------------------------------------------------------------

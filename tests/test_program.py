@@ -90,6 +90,11 @@ def test_flip_crop_and_cutout():
         (["compare", "--rho", "0,-1"], "--rho must be a comma list of numbers >= 0"),
         (["train", "--augment", "autoaugment"], "valid choices: none, basic, cutout"),
         (["train", "--resume"], "--resume needs --out"),
+        (["train", "--m", "0"], r"--m must be >= 1 \(or batch\), got 0\."),
+        (["train", "--sync-group", "0"], r"--sync-group must be >= 1 \(or none\), got 0\."),
+        (["train", "--clip-norm", "0"], r"--clip-norm must be > 0 \(or none\), got 0\.0\."),
+        (["train", "--norm", "1"], r"--norm must be > 1 \(inf for the sign\), got 1\.0\."),
+        (["train", "--method", "msam", "--adaptive"], "--method msam takes neither --adaptive"),
     ],
 )
 def test_bad_input_is_refused_before_any_work(argv, match, tmp_path, capsys):
@@ -98,6 +103,25 @@ def test_bad_input_is_refused_before_any_work(argv, match, tmp_path, capsys):
     assert code == 2
     assert __import__("re").search(match, capsys.readouterr().err)
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "argv, match",
+    [
+        (["train", "--clip-norm", "abc"], "argument --clip-norm: expected a number or 'none', got 'abc'"),
+        (["train", "--epochs", "x"], "argument --epochs: expected an integer, got 'x'"),
+        (["train", "--m", "eight"], "argument --m: expected an integer or 'batch', got 'eight'"),
+        (["train", "--checkpoint-every", "0"], "argument --checkpoint-every: expected an integer >= 1"),
+        (["compare", "--rho", "0,x"], "argument --rho: expected a comma list of numbers, got '0,x'"),
+        (["compare", "--seeds", "0,a"], "argument --seeds: expected a comma list of integers"),
+    ],
+)  # fmt: skip
+def test_unparsable_values_exit_2_naming_the_flag_and_what_was_expected(argv, match, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(argv)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert match in err and "invalid" not in err
 
 
 def test_existing_out_is_never_overwritten(tmp_path, capsys):
@@ -213,10 +237,34 @@ def test_compare_smoke(tmp_path, capsys):
     md = (out / "results.md").read_text()
     assert "| SAM | 0.1 |" in md and "| SGD | 0 |" in md and "±" in md
     assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    # resuming a finished comparison reuses every run
-    code = cli.main([*argv, "--resume", "--no-progress"])
-    assert code == 0
+    # resuming a finished comparison reuses every run, with its own grid and settings
+    resume = ["compare", "--out", str(out), "--resume", "--no-progress"]
+    assert cli.main(resume) == 0
     assert json.loads((out / "results.json").read_text())["runs"] == results["runs"]
+    assert cli.main([*resume, "--rho", "0,0.1", "--seeds", "0,1", "--epochs", "2"]) == 0
+    capsys.readouterr()
+    assert cli.main([*resume, "--seeds", "0", "--rho", "0.2"]) == 2
+    err = capsys.readouterr().err
+    assert "--rho 0.2 (the comparison has 0,0.1); --seeds 0 (the comparison has 0,1)" in err
+
+
+@pytest.mark.parametrize(
+    "level, df, expected",
+    [  # two-sided Student's t quantiles: closed forms for df 1, 2, else SciPy 1.17's t.ppf
+        (0.95, 1, 12.706204736174707),  # tan(0.475 pi)
+        (0.95, 2, 4.302652729749464),  # 0.95 / sqrt(2 * 0.975 * 0.025)
+        (0.95, 3, 3.1824463052837078),
+        (0.95, 4, 2.7764451051977934),
+        (0.95, 9, 2.262157162798205),
+        (0.95, 30, 2.0422724563012378),
+        (0.99, 5, 4.032142983555228),
+        (0.90, 7, 1.8945786050900062),
+    ],
+)
+def test_t_critical_values(level, df, expected):
+    from sam_optax.program.compare import t_critical
+
+    np.testing.assert_allclose(t_critical(level, df), expected, rtol=1e-13)
 
 
 def test_confidence_interval_is_the_t_interval():
@@ -225,7 +273,7 @@ def test_confidence_interval_is_the_t_interval():
     values = [0.90, 0.92, 0.97]
     sd = np.std(values, ddof=1)
     np.testing.assert_allclose(
-        confidence_interval(values), 4.302652729911275 * sd / np.sqrt(3), rtol=1e-9
+        confidence_interval(values), 4.302652729749464 * sd / np.sqrt(3), rtol=1e-12
     )
     assert np.isnan(confidence_interval([0.5]))
 
@@ -235,24 +283,24 @@ def test_confidence_interval_is_the_t_interval():
 # --------------------------------------------------------------------------
 
 
-def test_resume_refuses_other_settings(tmp_path, capsys):
+def test_resume_refuses_only_flags_that_contradict_the_run(tmp_path, capsys):
     out = tmp_path / "run"
-    assert cli.main(["train", "--epochs", "1", "--out", str(out), "--no-progress"]) == 0
     assert (
-        cli.main(
-            [
-                "train",
-                "--epochs",
-                "2",
-                "--lr",
-                "0.2",
-                "--out",
-                str(out),
-                "--resume",
-                "--no-progress",
-            ]
-        )
-        == 2
+        cli.main(["train", "--epochs", "1", "--nesterov", "--out", str(out), "--no-progress"]) == 0
     )
-    assert "settings differ" in capsys.readouterr().err
+    capsys.readouterr()
+    argv = ["train", "--out", str(out), "--resume", "--no-progress"]
+    # Flags that agree with the run are fine (here it has finished already).
+    assert cli.main([*argv, "--epochs", "1", "--nesterov", "--lr", "0.05"]) == 0
+    assert "resuming" in capsys.readouterr().out
+    assert cli.main([*argv, "--epochs", "2", "--no-nesterov", "--lr", "0.05"]) == 2
+    err = capsys.readouterr().err
+    assert "--epochs 2 (the run has --epochs 1); --no-nesterov (the run has --nesterov)" in err
+    assert "--lr" not in err and str(out / "config.json") in err
+    # --config: every value of the recipe must agree.
+    assert cli.main([*argv, "--config", "wrn28_10-cifar10"]) == 2
+    assert "--config wrn28_10-cifar10's --dataset cifar10 (the run has --dataset digits)" in (
+        capsys.readouterr().err
+    )
     assert cli.main(["train", "--epochs", "1", "--out", str(tmp_path / "none"), "--resume"]) == 2
+    assert "holds no run to resume (no config.json)" in capsys.readouterr().err

@@ -79,7 +79,7 @@ def test_two_hosts_equal_one_host_and_resume_after_a_kill(tmp_path):
 
     # The same run in this process on its 8 devices.
     config = configs.recipe("digits-noise").replace(epochs=2)
-    train.train_and_evaluate(config, tmp_path / "one", progress=False)
+    train.train_and_evaluate(config, tmp_path / "one")
     a, b = restore_final(tmp_path / "one"), restore_final(two)
     assert_trees_close(b["params"], a["params"], rtol=1e-4, atol=1e-6)
 

@@ -1,11 +1,20 @@
 """The program as a user meets it: recipes per dataset, help, missing extras,
-divergence, the paper's CIFAR recipe, step-level checkpoints."""
+divergence, the paper's CIFAR recipe, Ctrl-C and resume with the run's own
+settings, meshes, what a run leaves behind."""
 
+import importlib.metadata
+import io
 import json
 import os
 import re
+import signal
+import stat
 import subprocess
 import sys
+import threading
+import time
+import tomllib
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -17,7 +26,12 @@ from sam_optax.program import cli
 from sam_optax.program import configs
 from sam_optax.program import models
 from sam_optax.program import train
+from sam_optax.program import trainer
+from sam_optax.program.errors import Interrupted
+from sam_optax.program.errors import UsageError
 from sam_optax.program.rundir import restore_final
+from sam_optax.program.rundir import write_atomic
+from sam_optax.program.train import RunOptions
 
 from helpers import assert_trees_close
 from helpers import assert_trees_equal
@@ -98,20 +112,31 @@ def test_help_shows_each_default_once(command, capsys):
 # --------------------------------------------------------------------------
 
 
-def test_missing_extra_is_named_with_the_pip_command(tmp_path):
-    for name in ("tqdm", "flax"):  # shadow two packages of the extra
-        (tmp_path / f"{name}.py").write_text(f'raise ImportError("No module named {name}")\n')
-    env = dict(
-        os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])
-    )
-    proc = subprocess.run(
-        [sys.executable, "-m", "sam_optax", "train", "--epochs", "1"],
-        env=env, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    assert proc.returncode == 2, proc.stderr
-    assert "Traceback" not in proc.stderr
-    assert "missing here: flax, tqdm" in proc.stderr
-    assert "pip install 'sam-optax[program]'" in proc.stderr
+def test_missing_extra_is_named_with_the_pip_command(monkeypatch, capsys):
+    real_version = importlib.metadata.version
+
+    def version(name):  # as if flax and tqdm were not installed
+        if name in ("flax", "tqdm"):
+            raise importlib.metadata.PackageNotFoundError(name)
+        return real_version(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", version)
+    assert cli.main(["train", "--epochs", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert "missing here: flax, tqdm." in err
+    assert "pip install 'sam-optax[program]'" in err
+
+
+def test_the_extra_checked_is_the_packages_own_program_extra():
+    # Read from the installed package's metadata, so it cannot drift from
+    # pyproject.toml (the hand-kept list it replaces lacked filelock).
+    pyproject = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())
+    declared = pyproject["project"]["optional-dependencies"]["program"]
+    names = [re.match(r"[A-Za-z0-9._-]+", r).group() for r in declared]
+    assert cli.program_requirements() == names
+    assert "filelock" in names and "scipy" not in names
+    assert cli.missing_program_packages() == []
 
 
 # --------------------------------------------------------------------------
@@ -161,9 +186,9 @@ def test_program_step_is_the_papers_train_step():
         )
         rng = np.random.default_rng(0)
         x, y = jnp.asarray(rng.normal(size=(16, 4, 4, 1))), jnp.asarray(rng.integers(0, 10, 16))
-        loss = train.make_loss(model, lambda v: v, c.replace(augment="none"), 10)
+        loss = trainer.make_loss(model, lambda v: v, c.replace(augment="none"), 10)
         objective = lambda p: loss(p, (x, y), None, jax.random.key(1))[0]  # noqa: E731
-        tx = train.make_optimizer(c, total_steps=10, axis_name=None)  # one device
+        tx = trainer.make_optimizer(c, total_steps=10, axis_name=None)  # one device
         state, p = tx.init(params), params
         for _ in range(3):
             updates, state = tx.update(jax.grad(objective)(p), state, p, value_fn=objective)
@@ -193,23 +218,40 @@ def test_program_step_is_the_papers_train_step():
 
 
 # --------------------------------------------------------------------------
-# Step-level checkpoints: a run resumed from the middle of an epoch ends identical.
+# Stopped (Ctrl-C) and resumed from the middle of an epoch: identical, with the run's own settings.
 # --------------------------------------------------------------------------
 
 
-def test_resume_from_a_mid_epoch_checkpoint_ends_identical(tmp_path):
+class _StopAfter(threading.Event):
+    """A stop event that reads as set from its (n + 1)-th look: the run stops after n steps
+    (the loop looks once before each step), as if Ctrl-C had been pressed then."""
+
+    def __init__(self, steps: int):
+        super().__init__()
+        self.steps, self.looks = steps, 0
+
+    def is_set(self) -> bool:
+        self.looks += 1
+        return self.looks > self.steps
+
+
+def test_a_stopped_run_keeps_its_checkpoint_and_resumes_with_its_own_settings(tmp_path, capsys):
     c = configs.recipe("digits-noise").replace(epochs=2, batch_size=64)
     full, cut = tmp_path / "full", tmp_path / "cut"
-    train.train_and_evaluate(c, full, progress=False, checkpoint_every=5)
-    train.train_and_evaluate(c, cut, progress=False, checkpoint_every=5)
+    train.train_and_evaluate(c, full, RunOptions(checkpoint_every=5))
     # 21 steps an epoch: checkpoints 5, 10, ..., 21, 25, ..., 40, 42; two kept (40, 42).
-    kept = sorted(int(p.name) for p in (cut / "checkpoints").iterdir() if p.name.isdigit())
+    kept = sorted(int(p.name) for p in (full / "checkpoints").iterdir() if p.name.isdigit())
     assert kept == [40, 42]
-    import shutil
-
-    shutil.rmtree(cut / "checkpoints" / "42")  # as if killed after step 40 of 42
-    (cut / "summary.json").unlink()
-    summary = train.train_and_evaluate(c, cut, resume=True, progress=False, checkpoint_every=5)
+    stopped = RunOptions(checkpoint_every=5, stop=_StopAfter(33))
+    message = r"stopped at step 33 of 42 \(epoch 2 of 2\); the last checkpoint \(step 30\) is in "
+    with pytest.raises(Interrupted, match=message):
+        train.train_and_evaluate(c, cut, stopped)
+    assert not (cut / "summary.json").exists() and not (cut / ".lock").exists()
+    assert int(restore_final(cut)["meter"]["counts"]["loss"]) == 30 - 21  # intact, mid-epoch
+    # Resumed from the command line with no setting: the run's own (2 epochs,
+    # not the recipe's 40), and it says where it goes on from.
+    assert cli.main(["train", "--out", str(cut), "--resume", "--no-progress"]) == 0
+    assert f"resuming {cut} at step 30 of 42 (epoch 2, step 9 of 21)" in capsys.readouterr().out
     a, b = restore_final(full), restore_final(cut)
     del a["wall_seconds"], b["wall_seconds"]
     assert_trees_equal(b, a)
@@ -218,7 +260,93 @@ def test_resume_from_a_mid_epoch_checkpoint_ends_identical(tmp_path):
     assert [r["epoch"] for r in rows] == [1, 2]
     for key in ("train_loss", "train_accuracy", "test_accuracy"):
         assert [r[key] for r in rows] == [r[key] for r in full_rows], key
+    summary = json.loads((cut / "summary.json").read_text())
     assert summary["test_accuracy"] == full_rows[-1]["test_accuracy"]
+
+
+@pytest.mark.slow
+def test_ctrl_c_prints_two_lines_exits_130_and_keeps_the_last_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    argv = ["train", "--epochs", "60", "--checkpoint-every", "5", "--out", str(out)]
+    # `python -m sam_optax ARGV`, with Python's own SIGINT handler put back first: a
+    # background job of a non-interactive shell (CI, this test's own runner)
+    # starts with SIGINT ignored, and then Python installs none.
+    entry = (
+        "import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+        "sys.argv[0] = 'sam-optax'; runpy.run_module('sam_optax', run_name='__main__')"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", entry, *argv],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.time() + 180
+        while not any(p.name.isdigit() for p in (out / "checkpoints").glob("*")):
+            assert time.time() < deadline and proc.poll() is None, "no checkpoint was written"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "ERROR" not in err
+    first, second = err.strip().splitlines()
+    found = re.fullmatch(
+        r"sam-optax: stopped at step (\d+) of 1260 \(epoch \d+ of 60\); "
+        r"the last checkpoint \(step (\d+)\) is in (.+)\.",
+        first,
+    )
+    assert found and found.group(3) == str(out / "checkpoints"), first
+    assert second == f"sam-optax: continue with: sam-optax train --out {out} --resume"
+    assert int(found.group(2)) <= int(found.group(1)) < 1260
+    latest = max(int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit())
+    assert latest == int(found.group(2))
+    state = restore_final(out)  # reads back whole
+    assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(state["params"]))
+    assert not (out / ".lock").exists() and not (out / "summary.json").exists()
+
+
+# --------------------------------------------------------------------------
+# What a run leaves and prints: no progress bars off a terminal, no .lock, files as any.
+# --------------------------------------------------------------------------
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_bars_only_on_a_terminal_unless_asked(monkeypatch):
+    def progress(*flags):
+        return cli._options(cli.build_parser().parse_args(["train", *flags]), None).progress
+
+    monkeypatch.setattr(sys, "stderr", io.StringIO())
+    assert progress() is False and progress("--progress") is True
+    monkeypatch.setattr(sys, "stderr", _Terminal())
+    assert progress() is True and progress("--no-progress") is False
+
+
+def test_a_finished_run_leaves_no_lock_and_its_files_honour_the_umask(tmp_path, capsys):
+    out = tmp_path / "run"
+    previous = os.umask(0o022)
+    try:
+        assert cli.main(["train", "--epochs", "1", "--out", str(out)]) == 0
+    finally:
+        os.umask(previous)
+    assert capsys.readouterr().err == ""  # stderr is not a terminal here: no progress bar
+    assert not (out / ".lock").exists()
+    for name in ("config.json", "label_noise.json", "metrics.jsonl", "summary.json"):
+        assert stat.S_IMODE((out / name).stat().st_mode) == 0o644, name
+    previous = os.umask(0o077)
+    try:
+        write_atomic(tmp_path / "private.json", "{}")
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE((tmp_path / "private.json").stat().st_mode) == 0o600
 
 
 def test_program_model_names_match_the_models():
@@ -243,7 +371,12 @@ def test_compare_methods_reports_costs_and_writes_the_pareto_figure(tmp_path, ca
     assert 1.0 < rows["LookSAM"]["gradients_per_step"] < 2.0  # every 3rd step is SAM's
     assert all(r["cost_vs_sgd"] > 0 for r in rows.values())
     md = (out / "results.md").read_text()
-    assert "| LookSAM | 0.2 | 8 | 2 |" in md and "gradients / step" in md and "Goal:" in md
+    assert "| LookSAM | 0.2 | 8 | 2 |" in md and "gradients / step" in md
+    # Each method's own radius: MSAM's is --msam-rho (1 by default), not --rho.
+    assert "| MSAM | 1 | 8 | 2 |" in md and rows["MSAM"]["rho"] == 1.0
+    assert (out / "runs" / "msam-rho1-m8-e2-seed0" / "summary.json").is_file()
+    # The report is the user's numbers, not a development target.
+    assert "Goal" not in md and "Met by" not in md
     assert (out / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # The diagnostics, per epoch, from the method's state.
     metrics = [json.loads(x) for x in (out / "runs" / "looksam-rho0.2-m8-e2-seed0" / "metrics.jsonl").read_text().splitlines()]  # fmt: skip
@@ -257,7 +390,7 @@ def test_compare_methods_reports_costs_and_writes_the_pareto_figure(tmp_path, ca
 def test_every_method_trains_through_the_program(tmp_path):
     for method in configs.METHODS:
         c = configs.recipe("digits-noise").replace(epochs=1, method=method)
-        summary = train.train_and_evaluate(c, tmp_path / method, progress=False)
+        summary = train.train_and_evaluate(c, tmp_path / method)
         assert summary["method"] == method and summary["test_accuracy"] > 0.3, summary
 
 
@@ -270,37 +403,43 @@ def test_train_on_a_data_by_model_mesh_equals_the_data_parallel_run(tmp_path):
     # m = 8 on 8 replicas of 8, or on 4 replicas of 16 (two groups each): the same
     # groups of examples, so the same step; the params are sharded over 'model'.
     c = configs.recipe("digits-noise").replace(epochs=2)
-    train.train_and_evaluate(c, tmp_path / "flat", progress=False)
-    summary = train.train_and_evaluate(
-        c.replace(mesh="data=4,model=2"), tmp_path / "2d", progress=False
-    )
+    train.train_and_evaluate(c, tmp_path / "flat")
+    summary = train.train_and_evaluate(c.replace(mesh="data=4,model=2"), tmp_path / "2d")
     a, b = restore_final(tmp_path / "flat"), restore_final(tmp_path / "2d")
     assert_trees_close(b["params"], a["params"], rtol=2e-5, atol=1e-6)
     assert summary["devices"] == 8
-    trainer = train.build_trainer(c.replace(mesh="data=4,model=2", epochs=1))
-    w = trainer.state["params"]["Dense_0"]["kernel"]
+    built = trainer.build_trainer(c.replace(mesh="data=4,model=2", epochs=1))
+    w = built.initial_state["params"]["Dense_0"]["kernel"]
     assert w.sharding.spec == jax.sharding.PartitionSpec(None, "model")
-    assert trainer.mesh.shape == {"data": 4, "model": 2}
+    assert built.mesh.shape == {"data": 4, "model": 2}
 
 
 def test_sync_group_shares_one_perturbation_per_group_of_devices(tmp_path):
     c = configs.recipe("digits-noise").replace(epochs=1, m=None)
-    train.train_and_evaluate(c, tmp_path / "own", progress=False)
-    train.train_and_evaluate(c.replace(sync_group=4), tmp_path / "group", progress=False)
+    train.train_and_evaluate(c, tmp_path / "own")
+    train.train_and_evaluate(c.replace(sync_group=4), tmp_path / "group")
     a, b = restore_final(tmp_path / "own")["params"], restore_final(tmp_path / "group")["params"]
     diff = max(
         float(np.max(np.abs(np.asarray(x) - np.asarray(y))))
         for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))
     )
     assert diff > 1e-4
-    trainer = train.build_trainer(c.replace(sync_group=4))
-    assert trainer.mesh.shape == {"data": 2, "sync": 4, "model": 1}
+    built = trainer.build_trainer(c.replace(sync_group=4))
+    assert built.mesh.shape == {"data": 2, "sync": 4, "model": 1}
 
 
 @pytest.mark.parametrize(
     "flags, match",
     [
-        (["--mesh", "data=3,model=2"], "needs 6 devices, 8 are here"),
+        (
+            ["--mesh", "data=3,model=2"],
+            "--mesh 'data=3,model=2' makes a mesh of data x model = 3 x 2 = 6 devices, "
+            "but 8 devices are here: the mesh must use every device (data x model = 8), "
+            "e.g. --mesh data=8 or --mesh data=4,model=2",
+        ),
+        (["--mesh", "data=3"], "= 3 x 1 = 3 devices, but 8 devices are here"),
+        (["--mesh", "data=3,model=5"], "= 3 x 5 = 15 devices, but 8 devices are here"),
+        (["--mesh", "model=3"], "cannot be split into model groups of 3"),
         (["--mesh", "pipeline=8"], "--mesh must look like 'data=4,model=2'"),
         (
             ["--sync-group", "3", "--m", "batch"],
@@ -309,8 +448,15 @@ def test_sync_group_shares_one_perturbation_per_group_of_devices(tmp_path):
     ],
 )
 def test_mesh_errors_name_the_flag(flags, match, tmp_path, capsys):
-    assert (
-        cli.main(["train", "--epochs", "1", *flags, "--out", str(tmp_path / "r"), "--no-progress"])
-        == 2
-    )
+    argv = ["train", "--epochs", "1", *flags, "--out", str(tmp_path / "r"), "--no-progress"]
+    assert cli.main(argv) == 2
     assert match in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("spec", ["data=2,model=4", "data=3,model=5", "data=8", "model=2"])
+def test_a_mesh_larger_than_one_device_is_a_usage_error_not_a_crash(spec):
+    # Issue 20, item 1: on one device these divided by zero.
+    config = configs.recipe("digits-noise").replace(mesh=spec)
+    with pytest.raises(UsageError, match=r"--mesh .*1 device is here|--mesh .*the 1 device here"):
+        configs.validate(config, n_devices=1)

@@ -25,11 +25,13 @@ import numpy as np
 import optax
 
 from sam_optax import analysis
+from sam_optax import flax as sam_flax
 from sam_optax.program import configs
 from sam_optax.program import input_pipeline
 from sam_optax.program import models
-from sam_optax.program import train
 from sam_optax.program.errors import RunDirError
+from sam_optax.program.rundir import restore_final
+from sam_optax.program.trainer import normalizer
 
 HVP_BATCH = 256
 
@@ -51,21 +53,23 @@ def _load_run(run_dir: Path, examples: int):
         )
     n = min(examples, len(y))
     n -= n % min(n, HVP_BATCH)
-    state = train.restore_final(run_dir)
+    state = restore_final(run_dir)
     return config, dataset, (dataset.x_train[:n], y[:n]), state["params"], state.get("batch_stats")
 
 
 def _eval_loss(config, dataset, batch_stats):
     """``loss(params, (x, y))`` of the model in evaluation mode: a function of the weights alone."""
     model = models.create_model(config.model, dataset.num_classes, config.dropout)
-    normalize = train.normalizer(dataset)
+    normalize = normalizer(dataset)
+    forward = sam_flax.linen_loss_fn(
+        model.apply,
+        lambda logits, y: optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(),
+        update_batch_stats=False,
+        train=False,
+    )
 
     def loss(params: Any, batch: tuple[jax.Array, jax.Array]) -> jax.Array:
-        variables = {"params": params}
-        if batch_stats is not None:
-            variables["batch_stats"] = batch_stats
-        logits = model.apply(variables, normalize(batch[0]), train=False)
-        return optax.softmax_cross_entropy_with_integer_labels(logits, batch[1]).mean()
+        return forward(params, (normalize(batch[0]), batch[1]), batch_stats)[0]
 
     return loss
 

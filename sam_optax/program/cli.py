@@ -1,49 +1,77 @@
 """The ``sam-optax`` command line: ``train``, ``compare`` and ``analyze``.
 
-This module imports nothing beyond the standard library and
-:mod:`sam_optax.program.configs` until a command runs, so that without the
-``program`` extra ``sam-optax`` says which packages are missing and how to
-install them instead of dying with a traceback.
+The run flags are generated from the fields of
+:class:`~sam_optax.program.configs.Config`: one flag per field (``--`` and
+the name in kebab case), its help text from the field's metadata, its type
+from the field's annotation, its default from the recipe (shown per dataset).
+A bad value exits with code 2 and a message naming the flag.
+
+Before a command runs, the packages of the ``program`` extra (read from the
+installed package's own metadata) are checked, so that without them
+``sam-optax`` says which are missing and how to install them instead of
+dying with a traceback. Ctrl-C stops a run between two steps: two lines
+(where it stopped, the last checkpoint, the command that continues it) and
+exit code 130.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
+import contextlib
+import dataclasses
+import importlib.metadata
 import math
+import re
 import shlex
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from sam_optax.program import configs
 from sam_optax.program.errors import DataError
+from sam_optax.program.errors import Interrupted
 from sam_optax.program.errors import RunDirError
 from sam_optax.program.errors import TrainingDiverged
 from sam_optax.program.errors import UsageError
 
-# Imported by name (module, the package pip installs it from) before a command runs.
-PROGRAM_MODULES = (
-    ("flax", "flax"),
-    ("orbax.checkpoint", "orbax-checkpoint"),
-    ("sklearn", "scikit-learn"),
-    ("scipy", "scipy"),
-    ("matplotlib", "matplotlib"),
-    ("tqdm", "tqdm"),
-)
-INSTALL_HINT = "pip install 'sam-optax[program]'"
+DISTRIBUTION, EXTRA = "sam-optax", "program"
+INSTALL_HINT = f"pip install '{DISTRIBUTION}[{EXTRA}]'"
+DEFAULT_SEEDS = [0, 1, 2]
+# The Config fields whose flags `compare` replaces by comma lists (the grid).
+GRID_FIELDS = ("rho", "seed", "method")
 
 
-def missing_program_modules() -> list[str]:
-    """The packages of the ``program`` extra that cannot be imported here."""
+def program_requirements() -> list[str]:
+    """The distributions the ``program`` extra requires, from the installed package's metadata.
+
+    Empty when the package is not installed (run from a source tree): then
+    nothing can be checked.
+    """
+    try:
+        requires = importlib.metadata.requires(DISTRIBUTION) or []
+    except importlib.metadata.PackageNotFoundError:
+        return []
+    names = []
+    for requirement in requires:
+        spec, _, marker = requirement.partition(";")
+        if re.search(rf"""extra\s*==\s*["']{EXTRA}["']""", marker):
+            names.append(re.match(r"[A-Za-z0-9._-]+", spec.strip()).group())
+    return names
+
+
+def missing_program_packages() -> list[str]:
+    """The distributions of the ``program`` extra that are not installed here."""
     missing = []
-    for module, package in PROGRAM_MODULES:
+    for name in program_requirements():
         try:
-            importlib.import_module(module)
-        except ImportError:
-            missing.append(package)
+            importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            missing.append(name)
     return missing
 
 
@@ -52,73 +80,85 @@ def missing_program_modules() -> list[str]:
 # --------------------------------------------------------------------------
 
 
-def _m(value: str) -> int | None:
-    if value.lower() in ("none", "all", "batch", "0"):
+def _value_parser(name: str) -> Callable[[str], Any]:
+    """argparse's ``type`` for field ``name``: the message names what was expected."""
+
+    def parse(text: str) -> Any:
+        try:
+            return configs.parse_value(name, text)
+        except UsageError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+
+    return parse
+
+
+def _list_parser(kind: Callable[[str], Any], what: str) -> Callable[[str], list[Any]]:
+    def parse(text: str) -> list[Any]:
+        try:
+            return [kind(v) for v in text.split(",") if v.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected a comma list of {what}, got {text!r}"
+            ) from None
+
+    return parse
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
+
+
+def _shown(name: str, value: Any) -> str:
+    if value is None:
+        return configs.Config.__dataclass_fields__[name].metadata["none"][0]
+    return value if isinstance(value, str) else repr(value)
+
+
+def _recipe_defaults(name: str) -> str | None:
+    """``'default 40 (digits), 200 (cifar10, ...)'``: the default of each dataset (``None``
+    when every recipe leaves the field unset)."""
+    values = {d: getattr(configs.recipe(r), name) for d, r in configs.DATASET_RECIPES.items()}
+    if name == "dataset":
+        return f"default {configs.recipe(configs.DEFAULT_RECIPE).dataset}"
+    if all(v is None for v in values.values()):
         return None
-    return int(value)
-
-
-def _optional_float(value: str) -> float | None:
-    return None if value.lower() in ("none", "off", "0") else float(value)
-
-
-def _floats(value: str) -> list[float]:
-    return [float(v) for v in value.split(",") if v.strip()]
-
-
-def _names(value: str) -> list[str]:
-    return [v.strip() for v in value.split(",") if v.strip()]
-
-
-def _ints(value: str) -> list[int]:
-    return [int(v) for v in value.split(",") if v.strip()]
-
-
-def _recipe_defaults(field: str) -> str:
-    """``'40 (digits), 200 (cifar10, cifar100, fashion_mnist)'``: the default of each dataset."""
     by_value: dict[str, list[str]] = {}
-    for dataset, name in configs.DATASET_RECIPES.items():
-        by_value.setdefault(repr(getattr(configs.recipe(name), field)), []).append(dataset)
+    for dataset, value in values.items():
+        by_value.setdefault(_shown(name, value), []).append(dataset)
     if len(by_value) == 1:
         return f"default {next(iter(by_value))}"
     return "default " + ", ".join(f"{v} ({', '.join(d)})" for v, d in by_value.items())
 
 
-# (flag, Config field, type or action, what it is); the default is the recipe's.
-RUN_FLAGS: tuple[tuple[str, str, Any, str], ...] = (
-    ("--dataset", "dataset", str, f"one of {', '.join(configs.DATASETS)}; picks its recipe"),
-    ("--data-dir", "data_dir", str, "folder with the dataset files (default: $SAM_OPTAX_DATA or ~/.cache/sam_optax)"),
-    ("--model", "model", str, f"one of {', '.join(configs.MODELS)}"),
-    ("--dropout", "dropout", float, "dropout rate of models that have it"),
-    ("--epochs", "epochs", int, "training epochs"),
-    ("--batch-size", "batch_size", int, "global batch size"),
-    ("--lr", "lr", float, "peak learning rate, cosine decay"),
-    ("--momentum", "momentum", float, "SGD momentum"),
-    ("--nesterov", "nesterov", argparse.BooleanOptionalAction, "Nesterov momentum"),
-    ("--weight-decay", "weight_decay", float, "weight decay"),
-    ("--l2-in-loss", "l2_in_loss", argparse.BooleanOptionalAction, "weight decay as 0.5*wd*|w|^2 in the loss, as the paper's code (else decoupled)"),
-    ("--clip-norm", "clip_norm", _optional_float, "clip the averaged gradient to this global norm ('none': off)"),
-    ("--rho", "rho", float, "SAM radius, 0 for SGD"),
-    ("--method", "method", str, f"one of {', '.join(configs.METHODS)}"),
-    ("--norm", "norm", float, "p of the perturbation ball, 'inf' for sign"),
-    ("--adaptive", "adaptive", argparse.BooleanOptionalAction, "ASAM"),
-    ("--m", "m", _m, "examples per perturbation (m-sharpness), 'batch' for the per-device batch"),
-    ("--sync-perturbation", "sync_perturbation", argparse.BooleanOptionalAction, "one perturbation for the whole batch"),
-    ("--label-noise", "label_noise", float, "fraction of training labels flipped"),
-    ("--label-smoothing", "label_smoothing", float, "label smoothing"),
-    ("--augment", "augment", str, f"one of {', '.join(configs.AUGMENTATIONS)}"),
-    ("--seed", "seed", int, "seed of init, data order and noise"),
-    ("--mesh", "mesh", str, "device mesh like 'data=4,model=2': data replicas x params sharded over model"),
-    ("--sync-group", "sync_group", int, "devices sharing one perturbation (the paper's inner_group_size)"),
-    ("--gsam-alpha", "gsam_alpha", float, "GSAM's alpha"),
-    ("--looksam-every", "looksam_every", int, "LookSAM's period k"),
-    ("--looksam-alpha", "looksam_alpha", float, "LookSAM's alpha"),
-    ("--msam-rho", "msam_rho", float, "MSAM's radius (not on SAM's scale)"),
-    ("--rst-probability", "rst_probability", float, "RST's probability of a SAM step"),
-    ("--aesam-threshold", "aesam_threshold", float, "AE-SAM's c, moved linearly from +c to -c"),
-    ("--fsam-sigma", "fsam_sigma", float, "F-SAM's sigma"),
-    ("--fsam-decay", "fsam_decay", float, "F-SAM's running-mean decay"),
-)  # fmt: skip
+def _add_config_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
+    """One flag per :class:`~sam_optax.program.configs.Config` field (absent flags stay absent)."""
+    for field in dataclasses.fields(configs.Config):
+        if field.name in skip:
+            continue
+        text = field.metadata["help"]
+        if field.metadata["choices"]:
+            text += f"; one of {', '.join(field.metadata['choices'])}"
+        defaults = _recipe_defaults(field.name)
+        if defaults:
+            text += f" [{defaults}]"
+        kind, _ = configs.field_kinds()[field.name]
+        if kind is bool:
+            kwargs: dict[str, Any] = {"action": argparse.BooleanOptionalAction}
+        else:
+            kwargs = {"type": _value_parser(field.name), "metavar": field.name.upper()}
+        parser.add_argument(
+            configs.flag(field.name),
+            dest=field.name,
+            default=argparse.SUPPRESS,
+            help=text.replace("%", "%%"),
+            **kwargs,
+        )
 
 
 def _add_run_flags(parser: argparse.ArgumentParser, command: str) -> None:
@@ -129,14 +169,7 @@ def _add_run_flags(parser: argparse.ArgumentParser, command: str) -> None:
         help=f"a recipe whose values the other flags override; one of {', '.join(configs.RECIPES)} "
         f"(default: the recipe of --dataset, else {configs.DEFAULT_RECIPE})",
     )
-    for flag, field, kind, text in RUN_FLAGS:
-        if command == "compare" and field in ("rho", "seed", "method"):
-            continue
-        kwargs = {"action": kind} if kind is argparse.BooleanOptionalAction else {"type": kind}
-        default = "" if field == "data_dir" else f" [{_recipe_defaults(field)}]"
-        parser.add_argument(
-            flag, dest=field, default=argparse.SUPPRESS, help=text + default, **kwargs
-        )
+    _add_config_flags(parser, skip=GRID_FIELDS if command == "compare" else ())
     if command == "compare":
         _add_grid_flags(parser)
     _add_control_flags(parser, command)
@@ -147,7 +180,7 @@ def _add_grid_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--method",
         dest="methods",
-        type=_names,
+        type=_list_parser(str.strip, "method names"),
         default=None,
         help=f"comma list of sgd, {', '.join(configs.METHODS)} "
         "(default: the recipe's method, and SGD through --rho 0)",
@@ -155,13 +188,17 @@ def _add_grid_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--rho",
         dest="rhos",
-        type=_floats,
+        type=_list_parser(float, "numbers"),
         default=None,
         help="comma list of rho values, 0 meaning SGD (default: 0 and the recipe's rho; "
-        "with --method, the recipe's rho)",
+        "with --method, the recipe's rho). A method with a radius of its own "
+        "(MSAM: --msam-rho) runs once per seed.",
     )
     parser.add_argument(
-        "--seeds", type=_ints, default=[0, 1, 2], help="comma list of seeds (default: 0,1,2)"
+        "--seeds",
+        type=_list_parser(int, "integers"),
+        default=None,
+        help=f"comma list of seeds (default: {','.join(map(str, DEFAULT_SEEDS))})",
     )
 
 
@@ -171,16 +208,24 @@ def _add_control_flags(parser: argparse.ArgumentParser, command: str) -> None:
         help=f"run directory, never overwritten (default: runs/{command}-DATASET-TIMESTAMP)",
     )
     parser.add_argument(
-        "--resume", action="store_true", help="continue the run in --out from its last checkpoint"
+        "--resume",
+        action="store_true",
+        help="continue the run in --out from its last checkpoint, with its own settings "
+        "(a flag given must agree with them)",
     )
     parser.add_argument(
         "--checkpoint-every",
-        type=int,
+        type=_positive_int,
         default=None,
         metavar="STEPS",
         help="also checkpoint every STEPS steps within an epoch (default: at epoch ends only)",
     )
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="progress bars on stderr (default: when stderr is a terminal)",
+    )
 
 
 def _add_host_flags(parser: argparse.ArgumentParser) -> None:
@@ -235,11 +280,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def given_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The Config values given as flags (absent flags are absent)."""
+    names = {f.name for f in dataclasses.fields(configs.Config)}
+    return {k: v for k, v in vars(args).items() if k in names}
+
+
 def config_from_args(args: argparse.Namespace) -> tuple[str, configs.Config]:
-    """``(base recipe name, resolved Config)`` from parsed flags (absent flags are absent)."""
-    fields = {f for _, f, _, _ in RUN_FLAGS}
-    overrides = {k: v for k, v in vars(args).items() if k in fields}
-    return configs.resolve(getattr(args, "config", None), overrides)
+    """``(base recipe name, resolved Config)`` of a new run from parsed flags."""
+    return configs.resolve(getattr(args, "config", None), given_settings(args))
 
 
 # --------------------------------------------------------------------------
@@ -247,82 +296,115 @@ def config_from_args(args: argparse.Namespace) -> tuple[str, configs.Config]:
 # --------------------------------------------------------------------------
 
 
-def _out_dir(args: argparse.Namespace, config: configs.Config) -> Path:
+def _out_dir(args: argparse.Namespace, dataset: str | None) -> Path:
     if args.resume and not args.out:
         raise UsageError("--resume needs --out (the run directory to continue).")
-    if args.checkpoint_every is not None and args.checkpoint_every < 1:
-        raise UsageError(f"--checkpoint-every must be >= 1, got {args.checkpoint_every}.")
     if args.out:
         return Path(args.out)
-    return Path("runs") / f"{args.command}-{config.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return Path("runs") / f"{args.command}-{dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def _train(args: argparse.Namespace, command_line: str) -> int:
-    import jax
+def _resume_command(args: argparse.Namespace, out: Path) -> str:
+    return f"sam-optax {args.command} --out {shlex.quote(str(out))} --resume"
 
-    name, config = config_from_args(args)
-    configs.validate(config, jax.device_count())
-    out = _out_dir(args, config)
+
+def _options(args: argparse.Namespace, stop: threading.Event | None) -> Any:
     from sam_optax.program import train
 
-    print(f"{command_line}\n{configs.describe(name, config)}", flush=True)
-    summary = train.train_and_evaluate(
-        config,
-        out,
-        resume=args.resume,
-        progress=not args.no_progress,
-        checkpoint_every=args.checkpoint_every,
+    progress = sys.stderr.isatty() if args.progress is None else args.progress
+    return train.RunOptions(
+        resume=args.resume, progress=progress, checkpoint_every=args.checkpoint_every, stop=stop
     )
+
+
+def _train(args: argparse.Namespace, command_line: str, stop: threading.Event | None) -> int:
+    import jax
+
+    from sam_optax.program import train
+    from sam_optax.program.rundir import RunDir
+
+    if args.resume:
+        out = _out_dir(args, None)
+        saved = RunDir(out).saved_config()
+        config = configs.resumed(
+            saved, getattr(args, "config", None), given_settings(args), out / "config.json"
+        )
+        settings = configs.describe(config, title=f"settings of the run in {out} (resumed)")
+    else:
+        name, config = config_from_args(args)
+        out = _out_dir(args, config.dataset)
+        settings = configs.describe(config, base=name)
+    configs.validate(config, jax.device_count())
+    print(f"{command_line}\n{settings}", flush=True)
+    try:
+        summary = train.train_and_evaluate(config, out, _options(args, stop))
+    except Interrupted as err:
+        raise Interrupted(str(err), resume=_resume_command(args, out)) from None
     print(
-        f"{summary['optimizer']} rho={config.rho:g}: test accuracy "
+        f"{summary['optimizer']} rho={config.radius:g}: test accuracy "
         f"{summary['test_accuracy']:.4f} after {config.epochs} epochs "
         f"({summary['wall_seconds']:.1f} s); run directory {out}"
     )
     return 0
 
 
-def _compare(args: argparse.Namespace, command_line: str) -> int:
+def _compare(args: argparse.Namespace, command_line: str, stop: threading.Event | None) -> int:
     import jax
 
-    name, config = config_from_args(args)
-    methods, rhos = _grid(args, config)
-    if not args.seeds:
+    from sam_optax.program import compare
+
+    if args.resume:
+        out = _out_dir(args, None)
+        saved = compare.saved_grid(out)
+        where = out / "compare.json"
+        config = configs.resumed(
+            saved["base"], getattr(args, "config", None), given_settings(args), where
+        )
+        methods, rhos, seeds = _resumed_grid(args, config, saved, where)
+        settings = configs.describe(config, title=f"settings of the comparison in {out} (resumed)")
+    else:
+        name, config = config_from_args(args)
+        out = _out_dir(args, config.dataset)
+        methods, rhos = _grid(args.methods, args.rhos, config)
+        seeds = DEFAULT_SEEDS if args.seeds is None else args.seeds
+        settings = configs.describe(config, base=name)
+    if not seeds:
         raise UsageError("--seeds must name at least one seed.")
     for method in methods or [config.method]:
         for rho in rhos:
             configs.validate(config.replace(method=method, rho=rho), jax.device_count())
-    out = _out_dir(args, config)
-    from sam_optax.program import compare
-
-    print(f"{command_line}\n{configs.describe(name, config)}", flush=True)
-    results = compare.compare(
-        config,
-        rhos,
-        args.seeds,
-        out,
-        methods=methods,
-        resume=args.resume,
-        progress=not args.no_progress,
-        command=command_line,
-        checkpoint_every=args.checkpoint_every,
-    )
+    print(f"{command_line}\n{settings}", flush=True)
+    try:
+        results = compare.compare(
+            config,
+            rhos,
+            seeds,
+            out,
+            methods=methods,
+            options=_options(args, stop),
+            command=command_line,
+        )
+    except Interrupted as err:
+        raise Interrupted(str(err), resume=_resume_command(args, out)) from None
     print(results["markdown"])
     print(f"Wrote {out / 'results.md'}, results.json, results.png and pareto.png in {out}.")
     return 0
 
 
-def _grid(args: argparse.Namespace, config: configs.Config) -> tuple[list[str], list[float]]:
-    """``(methods, rhos)`` of a comparison: SGD runs when 0 is among the radii, and
-    every method at every positive radius; ``--method sgd,...`` adds 0."""
-    given = args.methods is not None
-    methods = args.methods if given else [config.method]
+def _grid(
+    methods: list[str] | None, rhos: list[float] | None, config: configs.Config
+) -> tuple[list[str], list[float]]:
+    """``(methods, rhos)`` of a comparison from ``--method`` and ``--rho``: SGD runs when 0 is
+    among the radii, and every method at every positive radius; ``--method sgd,...`` adds 0."""
+    given = methods is not None
+    methods = methods if given else [config.method]
     unknown = [m for m in methods if m != "sgd" and m not in configs.METHODS]
     if not methods or unknown:
         raise UsageError(
             f"--method must be a comma list of sgd, {', '.join(configs.METHODS)}; got {methods}."
         )
     default = [config.rho] if given else [0.0, config.rho]
-    rhos = args.rhos if args.rhos is not None else default
+    rhos = rhos if rhos is not None else default
     if not rhos or any(r < 0 or not math.isfinite(r) for r in rhos):
         raise UsageError(f"--rho must be a comma list of numbers >= 0, got {rhos}.")
     if "sgd" in methods:
@@ -333,8 +415,39 @@ def _grid(args: argparse.Namespace, config: configs.Config) -> tuple[list[str], 
     return methods, sorted(set(rhos))
 
 
-def _analyze(args: argparse.Namespace, command_line: str) -> int:
-    del command_line
+def _resumed_grid(
+    args: argparse.Namespace, config: configs.Config, saved: dict[str, Any], where: Path
+) -> tuple[list[str], list[float], list[int]]:
+    """The saved grid of a resumed comparison; ``--method``, ``--rho`` and ``--seeds``,
+    when given, must agree with it."""
+    methods, rhos, seeds = saved["methods"], saved["rhos"], saved["seeds"]
+    ran = (["sgd"] if 0.0 in rhos else []) + methods
+    asked_methods, asked_rhos = _grid(
+        args.methods if args.methods is not None else ran, args.rhos, config
+    )
+    conflicts = []
+    if args.methods is not None and asked_methods != methods:
+        conflicts.append(f"--method {','.join(args.methods)} (the comparison has {','.join(ran)})")
+    if args.rhos is not None and asked_rhos != rhos:
+        conflicts.append(
+            f"--rho {','.join(f'{r:g}' for r in args.rhos)} "
+            f"(the comparison has {','.join(f'{r:g}' for r in rhos)})"
+        )
+    if args.seeds is not None and args.seeds != seeds:
+        conflicts.append(
+            f"--seeds {','.join(map(str, args.seeds))} "
+            f"(the comparison has {','.join(map(str, seeds))})"
+        )
+    if conflicts:
+        raise UsageError(
+            f"--resume: {'; '.join(conflicts)}, in {where}. A resumed comparison keeps its own "
+            "grid: leave those flags out, or start a new one in another --out."
+        )
+    return methods, rhos, seeds
+
+
+def _analyze(args: argparse.Namespace, command_line: str, stop: threading.Event | None) -> int:
+    del command_line, stop
     from sam_optax.program import analyze
 
     analyze.analyze_run(
@@ -347,7 +460,7 @@ def _analyze(args: argparse.Namespace, command_line: str) -> int:
     return 0
 
 
-COMMANDS: dict[str, Callable[[argparse.Namespace, str], int]] = {
+COMMANDS: dict[str, Callable[[argparse.Namespace, str, threading.Event | None], int]] = {
     "train": _train,
     "compare": _compare,
     "analyze": _analyze,
@@ -377,29 +490,69 @@ def _initialize_distributed(args: argparse.Namespace) -> None:
     )
 
 
+@contextlib.contextmanager
+def stop_on_interrupt() -> Iterator[threading.Event | None]:
+    """An event the first Ctrl-C (SIGINT) sets: the run stops before its next step.
+
+    A second Ctrl-C interrupts at once. Where SIGINT is not Python's (ignored,
+    as for a job a non-interactive shell started in the background, or taken
+    over by the caller) or outside the main thread, nothing is installed and
+    ``None`` is yielded.
+    """
+    if (
+        threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+    ):
+        yield None
+        return
+    stop = threading.Event()
+
+    def handler(signum: int, frame: Any) -> None:
+        if stop.is_set():
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            raise KeyboardInterrupt
+        stop.set()
+
+    signal.signal(signal.SIGINT, handler)
+    try:
+        yield stop
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     command_line = "sam-optax " + " ".join(
         shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)
     )
-    missing = missing_program_modules()
+    missing = missing_program_packages()
     if missing:
         print(
-            f"sam-optax: error: the program needs the 'program' extra; missing here: "
+            f"sam-optax: error: the program needs the '{EXTRA}' extra; missing here: "
             f"{', '.join(missing)}. Install it with: {INSTALL_HINT}",
             file=sys.stderr,
         )
         return 2
+    interruptible = stop_on_interrupt() if args.command != "analyze" else contextlib.nullcontext()
     try:
-        if args.command != "analyze":
-            _initialize_distributed(args)
-        return COMMANDS[args.command](args, command_line)
+        with interruptible as stop:
+            if args.command != "analyze":
+                _initialize_distributed(args)
+            return COMMANDS[args.command](args, command_line, stop)
     except (UsageError, DataError, RunDirError) as err:
         print(f"sam-optax: error: {err}", file=sys.stderr)
         return 2
     except TrainingDiverged as err:
         print(f"sam-optax: error: {err}", file=sys.stderr)
         return 3
+    except Interrupted as err:
+        print(f"sam-optax: {err}", file=sys.stderr)
+        if err.resume:
+            print(f"sam-optax: continue with: {err.resume}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print("sam-optax: interrupted.", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

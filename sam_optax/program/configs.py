@@ -1,13 +1,23 @@
-"""Run configurations: the paper's recipes, one base per dataset, resolution and validation.
+"""Run configurations: the methods, the paper's recipes, resolution and validation.
 
 A :class:`Config` is plain data: everything a run's result depends on, and
-nothing else. Settings resolve in three layers:
+nothing else. Each field carries in its metadata what the command line and
+the checks need (:func:`option`): its help text, the test of its value, its
+choices. The command line (:mod:`sam_optax.program.cli`) is generated from
+these fields, one flag per field (``--`` and the name in kebab case), and
+every message about a value names that flag. Settings resolve in three layers:
 
 1. the base recipe: ``--config NAME`` if given, else the recipe of
    ``--dataset`` (:data:`DATASET_RECIPES`: switching the dataset switches
    every default that depends on it), else :data:`DEFAULT_RECIPE`;
 2. every flag given on the command line replaces its field;
 3. :func:`validate` refuses what cannot run, naming the flag.
+
+A resumed run takes its own saved settings instead (:func:`resumed`).
+
+The SAM-family methods the program runs are one table, :data:`METHODS`:
+adding a method is its hyperparameters as :class:`Config` fields and one
+entry there.
 
 The default, ``digits-noise``, is the laptop-size version of the paper's
 label-noise experiment (section 3.3). The CIFAR and Fashion-MNIST recipes
@@ -19,72 +29,291 @@ an L2 term in the loss (so it enters the perturbation and is evaluated at
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+import typing
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
+from typing import NamedTuple
 
+import optax
+
+import sam_optax
 from sam_optax.program.errors import UsageError
 
 DATASETS = ("digits", "cifar10", "cifar100", "fashion_mnist")
-METHODS = ("sam", "gsam", "looksam", "msam", "rst", "aesam", "fsam")
 MODELS = ("mlp", "cnn", "resnet20", "resnet32", "wrn16_8", "wrn28_2", "wrn28_10")
 AUGMENTATIONS = ("none", "basic", "cutout")
+MESH_AXES = ("data", "model")
+
+
+# --------------------------------------------------------------------------
+# The methods: one entry each.
+# --------------------------------------------------------------------------
+
+
+class Method(NamedTuple):
+    """A SAM-family method of the program.
+
+    ``build(config, options, total_steps, base)`` returns its transformation.
+    ``options`` holds the perturbation options (``norm``, ``adaptive``,
+    ``axis_name``, ``sync_perturbation``) when ``perturbation_options``,
+    else ``axis_name`` alone; ``base`` is the base optimizer (clipping,
+    decoupled weight decay, SGD), which the program chains after the
+    method's transformation, unless ``wraps_base``: then the transformation
+    built is the whole optimizer (a method that reads or wraps the base
+    optimizer). ``radius`` names the :class:`Config` field of its radius
+    (reported in the tables). ``second_gradient``: its SAM steps take a
+    gradient besides the caller's (so a step costs 1 + the fraction of SAM
+    steps, from the ``sam_step`` diagnostic).
+    """
+
+    label: str
+    build: Callable[
+        [Config, dict[str, Any], int, optax.GradientTransformation],
+        optax.GradientTransformationExtraArgs,
+    ]
+    radius: str = "rho"
+    perturbation_options: bool = True
+    second_gradient: bool = True
+    wraps_base: bool = False
+
+
+# Adding a method: its hyperparameters as Config fields (below), one entry here.
+METHODS: dict[str, Method] = {
+    "sam": Method("SAM", lambda c, kw, steps, base: sam_optax.sam(c.rho, **kw)),
+    "gsam": Method("GSAM", lambda c, kw, steps, base: sam_optax.gsam(c.rho, c.gsam_alpha, **kw)),
+    "looksam": Method(
+        "LookSAM",
+        lambda c, kw, steps, base: sam_optax.looksam(c.rho, c.looksam_every, c.looksam_alpha, **kw),
+    ),
+    "msam": Method(
+        "MSAM",
+        # The authors' SGD-MSAM: SGD's own momentum (clipped gradients and
+        # weight decay included) is the direction; decay read at the point held.
+        lambda c, kw, steps, base: sam_optax.msam(base, c.msam_rho, sees="perturbed", **kw),
+        radius="msam_rho",
+        perturbation_options=False,
+        second_gradient=False,
+        wraps_base=True,
+    ),
+    "rst": Method(
+        "RST",
+        lambda c, kw, steps, base: sam_optax.rst(c.rho, c.rst_probability, seed=c.seed, **kw),
+    ),
+    "aesam": Method(
+        "AE-SAM",
+        lambda c, kw, steps, base: sam_optax.aesam(
+            c.rho, optax.linear_schedule(c.aesam_threshold, -c.aesam_threshold, steps), **kw
+        ),
+    ),
+    "fsam": Method(
+        "F-SAM",
+        lambda c, kw, steps, base: sam_optax.fsam(c.rho, c.fsam_sigma, decay=c.fsam_decay, **kw),
+    ),
+}
+
+
+# --------------------------------------------------------------------------
+# The fields: help, check and choices in each field's metadata.
+# --------------------------------------------------------------------------
+
+
+class Check(NamedTuple):
+    """The test of one value and what it expects, for the message (``'>= 1'``)."""
+
+    ok: Callable[[Any], bool]
+    expected: str
+
+
+def at_least(low: float) -> Check:
+    return Check(lambda v: math.isfinite(v) and v >= low, f">= {low:g}")
+
+
+def above(low: float) -> Check:
+    return Check(lambda v: math.isfinite(v) and v > low, f"> {low:g}")
+
+
+def fraction(*, closed: bool = False) -> Check:
+    """In [0, 1), or [0, 1] when ``closed``."""
+    if closed:
+        return Check(lambda v: 0 <= v <= 1, "in [0, 1]")
+    return Check(lambda v: 0 <= v < 1, "in [0, 1)")
+
+
+def option(
+    default: Any,
+    help: str,
+    *,
+    check: Check | None = None,
+    choices: tuple[str, ...] | None = None,
+    none: tuple[str, ...] = ("none",),
+) -> Any:
+    """A :class:`Config` field: its default, help text, check or choices.
+
+    ``none`` are the words that mean ``None`` on the command line (for the
+    fields that may be ``None``; the first is the one shown).
+    """
+    metadata = {"help": help, "check": check, "choices": choices, "none": none}
+    return dataclasses.field(default=default, metadata=metadata)
 
 
 @dataclass(frozen=True)
 class Config:
     """Everything one training run depends on (and nothing else)."""
 
-    dataset: str = "digits"
-    data_dir: str | None = None
-    model: str = "mlp"
-    dropout: float = 0.0
-    epochs: int = 40
-    batch_size: int = 64
-    lr: float = 0.05
-    momentum: float = 0.9
-    nesterov: bool = False
-    weight_decay: float = 5e-4
-    l2_in_loss: bool = False
-    clip_norm: float | None = None
-    rho: float = 0.2
-    method: str = "sam"
-    norm: float = 2.0
-    adaptive: bool = False
-    m: int | None = 8
-    sync_perturbation: bool = False
-    gsam_alpha: float = 0.1
-    looksam_every: int = 5
-    looksam_alpha: float = 0.7
-    msam_rho: float = 1.0
-    rst_probability: float = 0.5
-    aesam_threshold: float = 1.0
-    fsam_sigma: float = 1.0
-    fsam_decay: float = 0.6
-    label_noise: float = 0.4
-    label_smoothing: float = 0.0
-    augment: str = "none"
-    seed: int = 0
-    mesh: str | None = None
-    sync_group: int | None = None
+    dataset: str = option("digits", "the dataset; picks its recipe", choices=DATASETS)
+    data_dir: str | None = option(
+        None, "folder with the dataset files (default: $SAM_OPTAX_DATA or ~/.cache/sam_optax)"
+    )
+    model: str = option("mlp", "the network", choices=MODELS)
+    dropout: float = option(0.0, "dropout rate of models that have it", check=fraction())
+    epochs: int = option(40, "training epochs", check=at_least(1))
+    batch_size: int = option(64, "global batch size", check=at_least(1))
+    lr: float = option(0.05, "peak learning rate, cosine decay", check=above(0))
+    momentum: float = option(0.9, "SGD momentum", check=fraction())
+    nesterov: bool = option(False, "Nesterov momentum")
+    weight_decay: float = option(5e-4, "weight decay", check=at_least(0))
+    l2_in_loss: bool = option(
+        False, "weight decay as 0.5*wd*|w|^2 in the loss, as the paper's code (else decoupled)"
+    )
+    clip_norm: float | None = option(
+        None, "clip the averaged gradient to this global norm ('none': off)", check=above(0)
+    )
+    rho: float = option(0.2, "SAM radius, 0 for SGD", check=at_least(0))
+    method: str = option("sam", "the SAM-family method", choices=tuple(METHODS))
+    norm: float = option(
+        2.0,
+        "p of the perturbation ball, 'inf' for sign",
+        check=Check(lambda v: v > 1, "> 1 (inf for the sign)"),
+    )
+    adaptive: bool = option(False, "ASAM")
+    m: int | None = option(
+        8,
+        "examples per perturbation (m-sharpness), 'batch' for the per-device batch",
+        check=at_least(1),
+        none=("batch", "all", "none"),
+    )
+    sync_perturbation: bool = option(False, "one perturbation for the whole batch")
+    gsam_alpha: float = option(0.1, "GSAM's alpha", check=at_least(0))
+    looksam_every: int = option(5, "LookSAM's period k", check=at_least(1))
+    looksam_alpha: float = option(0.7, "LookSAM's alpha")
+    msam_rho: float = option(1.0, "MSAM's radius (not on SAM's scale)", check=at_least(0))
+    rst_probability: float = option(
+        0.5, "RST's probability of a SAM step", check=fraction(closed=True)
+    )
+    aesam_threshold: float = option(1.0, "AE-SAM's c, moved linearly from +c to -c")
+    fsam_sigma: float = option(1.0, "F-SAM's sigma")
+    fsam_decay: float = option(0.6, "F-SAM's running-mean decay", check=fraction())
+    label_noise: float = option(0.4, "fraction of training labels flipped", check=fraction())
+    label_smoothing: float = option(0.0, "label smoothing", check=fraction())
+    augment: str = option("none", "on-device augmentation", choices=AUGMENTATIONS)
+    seed: int = option(0, "seed of init, data order and noise")
+    mesh: str | None = option(
+        None, "device mesh like 'data=4,model=2': data replicas x params sharded over model"
+    )
+    sync_group: int | None = option(
+        None, "devices sharing one perturbation (the paper's inner_group_size)", check=at_least(1)
+    )
 
     @property
     def optimizer(self) -> str:
         """``'sgd'`` when ``rho == 0``, else the SAM-family method."""
         return self.method if self.rho > 0 else "sgd"
 
+    @property
+    def radius(self) -> float:
+        """The method's own radius (``msam_rho`` for MSAM), 0 for SGD."""
+        return 0.0 if self.rho == 0 else float(getattr(self, METHODS[self.method].radius))
+
     def replace(self, **changes: Any) -> Config:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """JSON-ready: a number that is not finite (``--norm inf``) becomes its text."""
+        return {
+            k: str(v) if isinstance(v, float) and not math.isfinite(v) else v
+            for k, v in dataclasses.asdict(self).items()
+        }
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> Config:
         """A Config from ``config.json`` (fields added since take their defaults)."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in values.items() if k in known})
+        kinds = field_kinds()
+        known = {k: v for k, v in values.items() if k in kinds}
+        for k, v in known.items():
+            if kinds[k][0] is float and isinstance(v, str):
+                known[k] = float(v)
+        return cls(**known)
 
+
+@functools.cache
+def field_kinds() -> dict[str, tuple[type, bool]]:
+    """``{name: (type, may be None)}`` of every field, read from the annotations."""
+    kinds = {}
+    for name, hint in typing.get_type_hints(Config).items():
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        kinds[name] = (args[0] if args else hint, bool(typing.get_args(hint)))
+    return kinds
+
+
+def flag(name: str) -> str:
+    """The command-line flag of a field: ``batch_size`` -> ``--batch-size``."""
+    return "--" + name.replace("_", "-")
+
+
+_EXPECTED = {int: "an integer", float: "a number", str: "text"}
+
+
+def parse_value(name: str, text: str) -> Any:
+    """The value of field ``name`` from its command-line text (``'batch'`` -> ``None`` for m)."""
+    kind, optional = field_kinds()[name]
+    words = Config.__dataclass_fields__[name].metadata["none"]
+    if optional and text.strip().lower() in words:
+        return None
+    try:
+        return kind(text)
+    except ValueError:
+        alternative = f" or '{words[0]}'" if optional else ""
+        raise UsageError(f"expected {_EXPECTED[kind]}{alternative}, got {text!r}") from None
+
+
+def as_flag(name: str, value: Any) -> str:
+    """``value`` of field ``name`` written as its flag: ``--epochs 3``, ``--no-nesterov``."""
+    if isinstance(value, bool):
+        return flag(name) if value else "--no-" + flag(name)[2:]
+    if value is None:
+        value = Config.__dataclass_fields__[name].metadata["none"][0]
+    return f"{flag(name)} {value!r}" if isinstance(value, float) else f"{flag(name)} {value}"
+
+
+def field_errors(config: Config) -> list[str]:
+    """What is wrong with each field's value alone, each message naming the flag."""
+    errors = []
+    for f in dataclasses.fields(Config):
+        value, choices, check = getattr(config, f.name), f.metadata["choices"], f.metadata["check"]
+        if value is None:
+            continue
+        if choices is not None and value not in choices:
+            errors.append(f"{flag(f.name)}: unknown {value!r}; valid choices: {', '.join(choices)}")
+        elif check is not None and not _passes(check, value):
+            alternative = f" (or {f.metadata['none'][0]})" if field_kinds()[f.name][1] else ""
+            errors.append(f"{flag(f.name)} must be {check.expected}{alternative}, got {value!r}")
+    return errors
+
+
+def _passes(check: Check, value: Any) -> bool:
+    try:
+        return bool(check.ok(value))
+    except TypeError:  # a value of the wrong type (from Python or a hand-edited config.json)
+        return False
+
+
+# --------------------------------------------------------------------------
+# The paper's recipes.
+# --------------------------------------------------------------------------
 
 # The paper's settings (Tables 6 and 7, section 3.3, appendix C.1) and its
 # training code: WRN-28-10 for 200 epochs at batch 256, lr 0.1 (cosine),
@@ -153,38 +382,51 @@ def resolve(config_name: str | None, overrides: dict[str, Any]) -> tuple[str, Co
     return name, recipe(name).replace(**overrides)
 
 
-def _checks(config: Config) -> list[tuple[bool, str]]:
-    return [
-        (config.dataset in DATASETS, f"--dataset: unknown {config.dataset!r}; valid choices: {', '.join(DATASETS)}"),
-        (config.model in MODELS, f"--model: unknown {config.model!r}; valid choices: {', '.join(MODELS)}"),
-        (config.augment in AUGMENTATIONS, f"--augment: unknown {config.augment!r}; valid choices: {', '.join(AUGMENTATIONS)}"),
-        (config.rho >= 0 and math.isfinite(config.rho), f"--rho must be >= 0, got {config.rho}"),
-        (config.norm > 1, f"--norm must be > 1 (or inf), got {config.norm}"),
-        (0.0 <= config.label_noise < 1.0, f"--label-noise must be in [0, 1), got {config.label_noise}"),
-        (0.0 <= config.label_smoothing < 1.0, f"--label-smoothing must be in [0, 1), got {config.label_smoothing}"),
-        (0.0 <= config.dropout < 1.0, f"--dropout must be in [0, 1), got {config.dropout}"),
-        (config.epochs >= 1, f"--epochs must be >= 1, got {config.epochs}"),
-        (config.batch_size >= 1, f"--batch-size must be >= 1, got {config.batch_size}"),
-        (config.lr > 0 and math.isfinite(config.lr), f"--lr must be > 0, got {config.lr}"),
-        (0 <= config.momentum < 1, f"--momentum must be in [0, 1), got {config.momentum}"),
-        (config.weight_decay >= 0, f"--weight-decay must be >= 0, got {config.weight_decay}"),
-        (config.clip_norm is None or config.clip_norm > 0, f"--clip-norm must be > 0 (or none), got {config.clip_norm}"),
-        (config.m is None or config.m >= 1, f"--m must be >= 1, got {config.m}"),
-        (config.method in METHODS, f"--method: unknown {config.method!r}; valid choices: {', '.join(METHODS)}"),
-        (config.gsam_alpha >= 0, f"--gsam-alpha must be >= 0, got {config.gsam_alpha}"),
-        (config.looksam_every >= 1, f"--looksam-every must be >= 1, got {config.looksam_every}"),
-        (config.msam_rho >= 0, f"--msam-rho must be >= 0, got {config.msam_rho}"),
-        (0 <= config.rst_probability <= 1, f"--rst-probability must be in [0, 1], got {config.rst_probability}"),
-        (0 <= config.fsam_decay < 1, f"--fsam-decay must be in [0, 1), got {config.fsam_decay}"),
-    ]  # fmt: skip
+def resumed(
+    saved: Config, config_name: str | None, overrides: dict[str, Any], where: str | Path
+) -> Config:
+    """The settings of a resumed run: its own (``saved``), whatever the recipes say now.
+
+    A flag given must agree with them (so does every value of ``--config
+    NAME``, when given); one that contradicts them is refused, named, with
+    the run's value.
+    """
+    wanted = recipe(config_name).replace(**overrides) if config_name else saved.replace(**overrides)
+    names = [f.name for f in dataclasses.fields(Config)] if config_name else list(overrides)
+    conflicts = [n for n in names if getattr(wanted, n) != getattr(saved, n)]
+    if not conflicts:
+        return saved
+
+    def contradiction(name: str) -> str:
+        asked = as_flag(name, getattr(wanted, name))
+        if name not in overrides:
+            asked = f"--config {config_name}'s {asked}"
+        return f"{asked} (the run has {as_flag(name, getattr(saved, name))})"
+
+    raise UsageError(
+        f"--resume: {'; '.join(map(contradiction, conflicts))}, in {where}. A resumed run keeps "
+        "its own settings: leave those flags out, or start a new run in another --out."
+    )
+
+
+# --------------------------------------------------------------------------
+# Validation and the mesh.
+# --------------------------------------------------------------------------
 
 
 def validate(config: Config, n_devices: int = 1) -> None:
     """Refuses bad values before any work starts (the message names the flag)."""
-    for ok, message in _checks(config):
-        if not ok:
-            raise UsageError(message + ".")
-    replicas = n_devices // parse_mesh(config.mesh).get("model", 1)
+    for message in field_errors(config):
+        raise UsageError(message + ".")
+    method = METHODS[config.method]
+    own = (config.adaptive, config.norm != 2, config.sync_perturbation, config.sync_group)
+    if config.rho > 0 and not method.perturbation_options and any(own):
+        raise UsageError(
+            f"--method {config.method} takes neither --adaptive, --norm, --sync-perturbation "
+            "nor --sync-group."
+        )
+    shape = mesh_shape(config, n_devices)
+    replicas = n_devices // shape["model"]
     per_device, rest = divmod(config.batch_size, replicas)
     if rest:
         raise UsageError(
@@ -195,18 +437,13 @@ def validate(config: Config, n_devices: int = 1) -> None:
             f"--batch-size {config.batch_size} is not divisible by devices x m = "
             f"{replicas} x {config.m}: each device gets {per_device} examples."
         )
-    if config.sync_group is not None and (config.sync_group < 1 or config.sync_perturbation):
-        raise UsageError(
-            f"--sync-group must be >= 1 and excludes --sync-perturbation, got {config.sync_group}."
-        )
+    if config.sync_group is not None and config.sync_perturbation:
+        raise UsageError("--sync-group excludes --sync-perturbation.")
     if config.sync_perturbation and config.m is not None and config.m < per_device:
         raise UsageError(
             "--sync-perturbation shares one perturbation over the whole batch; "
             f"it cannot be combined with --m {config.m} < the per-device batch {per_device}."
         )
-
-
-MESH_AXES = ("data", "model")
 
 
 def parse_mesh(spec: str | None) -> dict[str, int]:
@@ -226,11 +463,48 @@ def parse_mesh(spec: str | None) -> dict[str, int]:
     return axes
 
 
-def describe(name: str, config: Config) -> str:
-    """The resolved settings, one line each, for the start of a run."""
-    base = recipe(name)
-    lines = [f"settings (recipe {name}; * = changed by a flag):"]
-    for field, value in config.to_dict().items():
-        mark = "*" if getattr(base, field) != value else " "
-        lines.append(f"  {mark} {field:<18} {value!r}")
+def mesh_shape(config: Config, n_devices: int) -> dict[str, int]:
+    """The mesh axes of a run on ``n_devices``: ``data`` (split into ``data`` x
+    ``sync`` with ``sync_group``) and ``model``; every device is used."""
+    axes = parse_mesh(config.mesh)
+    model = axes.get("model", 1)
+    here = "the 1 device here" if n_devices == 1 else f"the {n_devices} devices here"
+    if "data" not in axes and n_devices % model:
+        raise UsageError(
+            f"--mesh {config.mesh!r}: {here} cannot be split into model groups of {model} "
+            f"(model must divide {n_devices}), or leave --mesh out."
+        )
+    data = axes.get("data", n_devices // model)
+    if data * model != n_devices:
+        examples = [f"data={n_devices}"] + (
+            [f"data={n_devices // 2},model=2"] if n_devices % 2 == 0 else []
+        )
+        count = "1 device is here" if n_devices == 1 else f"{n_devices} devices are here"
+        raise UsageError(
+            f"--mesh {config.mesh!r} makes a mesh of data x model = {data} x {model} = "
+            f"{data * model} devices, but {count}: the mesh must use every device "
+            f"(data x model = {n_devices}), e.g. {' or '.join('--mesh ' + e for e in examples)}, "
+            "or leave --mesh out."
+        )
+    if config.sync_group is None:
+        return {"data": data, "model": model}
+    if data % config.sync_group:
+        raise UsageError(
+            f"--sync-group {config.sync_group} does not divide the {data} data replicas."
+        )
+    return {"data": data // config.sync_group, "sync": config.sync_group, "model": model}
+
+
+def describe(config: Config, *, base: str | None = None, title: str | None = None) -> str:
+    """The settings, one line each, for the start of a run.
+
+    With ``base`` (the recipe the run started from) the values a flag changed
+    are marked; ``title`` replaces the first line.
+    """
+    reference = recipe(base) if base is not None else None
+    lines = [title or f"settings (recipe {base}; * = changed by a flag):"]
+    for f in dataclasses.fields(Config):
+        value = getattr(config, f.name)
+        mark = "*" if reference is not None and getattr(reference, f.name) != value else " "
+        lines.append(f"  {mark} {f.name:<18} {value!r}")
     return "\n".join(lines)

@@ -1,6 +1,7 @@
 """The errors the command line reports as ``sam-optax: error: ...``.
 
-Usage, data and run-directory errors exit with code 2, a diverged run with 3.
+Usage, data and run-directory errors exit with code 2, a diverged run with 3,
+a run stopped by Ctrl-C with 130 (128 + SIGINT, the shell's convention).
 """
 
 
@@ -18,3 +19,16 @@ class RunDirError(Exception):
 
 class TrainingDiverged(Exception):
     """The training loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+class Interrupted(Exception):
+    """The run was asked to stop (Ctrl-C) and stopped between two steps.
+
+    The message says at which step and where the last checkpoint is (intact:
+    a checkpoint being written is finished first); ``resume`` is the command
+    that continues the run, when the caller knows it.
+    """
+
+    def __init__(self, message: str, resume: str | None = None):
+        super().__init__(message)
+        self.resume = resume

@@ -9,7 +9,7 @@
   dataset was prepared beforehand (``download=False``).
 
 Images come back as ``uint8`` ``(N, H, W, C)`` arrays (digits as ``float32``
-in [0, 1]) with ``int32`` labels; normalization (``train.normalizer``) runs on device.
+in [0, 1]) with ``int32`` labels; normalization (``trainer.normalizer``) runs on device.
 """
 
 from __future__ import annotations
@@ -219,8 +219,6 @@ def _fashion_mnist(root: Path) -> Dataset:
 # TFDS (optional)
 # --------------------------------------------------------------------------
 
-_TFDS_NAMES = {"cifar10": "cifar10", "cifar100": "cifar100", "fashion_mnist": "fashion_mnist"}
-
 
 def _from_tfds(name: str, root: Path) -> Dataset | None:
     """The dataset from TFDS if it is installed and already prepared, else None."""
@@ -231,7 +229,7 @@ def _from_tfds(name: str, root: Path) -> Dataset | None:
     try:
         splits = tfds.as_numpy(
             tfds.load(
-                _TFDS_NAMES[name],
+                name,
                 split=["train", "test"],
                 batch_size=-1,
                 data_dir=str(root),

@@ -7,10 +7,11 @@
     metrics.jsonl     one line per epoch (strict JSON: a non-finite number is null)
     checkpoints/      orbax checkpoints keyed by the number of steps done (the last two)
     summary.json      written when the run completes
+    .lock             while a process works in the directory (deleted when it ends)
 
 Every JSON file is written whole to a temporary file and renamed into place,
 so a run killed at any moment leaves either the old or the new file, never a
-torn one. With several processes (``jax.distributed``) only process 0 writes
+torn one; it gets the permissions of any new file (the umask's). With several processes (``jax.distributed``) only process 0 writes
 files; every process takes part in a checkpoint (orbax coordinates them).
 """
 
@@ -19,8 +20,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import secrets
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -46,8 +47,13 @@ def to_json(value: Any, indent: int | None = None) -> str:
 
 
 def write_atomic(path: Path, text: str) -> None:
-    """Writes ``text`` to a temporary file beside ``path``, then renames it over ``path``."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    """Writes ``text`` to a temporary file beside ``path``, then renames it over ``path``.
+
+    The file gets the permissions of any new file (``0o666`` less the umask),
+    as ``open(path, 'w')`` would give it.
+    """
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
@@ -55,7 +61,7 @@ def write_atomic(path: Path, text: str) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 
@@ -74,7 +80,13 @@ LOCK_FILE = ".lock"
 
 
 def lock_directory(path: Path) -> Any:
-    """An exclusive lock on ``path/.lock`` (filelock), or ``RunDirError`` if another process holds it."""
+    """An exclusive lock on ``path/.lock`` (filelock), or ``RunDirError`` if another process holds it.
+
+    :meth:`RunDir.release` deletes the file while still holding the lock, then
+    releases it: a process that opened the old file and takes its lock then
+    holds the lock of a deleted file, which filelock (4.x) detects and retries
+    on a new one.
+    """
     from filelock import FileLock
     from filelock import Timeout
 
@@ -143,18 +155,22 @@ class RunDir:
             self.write_json(self.config_file, config.to_dict())
 
     def release(self) -> None:
-        """Releases the directory's lock (if this process holds it)."""
+        """Releases the directory's lock (if this process holds it) and deletes ``.lock``."""
         lock = getattr(self, "_lock", None)
         if lock is not None:
+            (self.path / LOCK_FILE).unlink(missing_ok=True)
             lock.release()
             self._lock = None
 
-    def _check_resumable(self, config: Config) -> None:
+    def saved_config(self) -> Config:
+        """The settings the run was started with (its ``config.json``), for ``--resume``."""
         if not self.config_file.is_file():
             raise RunDirError(f"--resume: {self.path} holds no run to resume (no config.json).")
-        saved = Config.from_dict(json.loads(self.config_file.read_text())).to_dict()
-        current = json.loads(to_json(config.to_dict()))
-        saved = json.loads(to_json(saved))
+        return Config.from_dict(json.loads(self.config_file.read_text()))
+
+    def _check_resumable(self, config: Config) -> None:
+        saved = self.saved_config().to_dict()
+        current = config.to_dict()
         diff = {k: (saved.get(k), v) for k, v in current.items() if saved.get(k) != v}
         if diff:
             changes = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
@@ -224,8 +240,12 @@ class Checkpoints:
                     self.manager.delete(step)
         return None
 
-    def close(self) -> None:
+    def wait(self) -> None:
+        """Waits until the checkpoint being written (asynchronously) is complete."""
         self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.wait()
         self.manager.close()
 
 

@@ -1,4 +1,4 @@
-"""One training run: ``train_and_evaluate(config, workdir)``.
+"""One training run: ``train_and_evaluate(config, workdir, options)``.
 
 SGD (momentum, optional Nesterov), cosine learning rate, weight decay
 (decoupled, or as the paper's code has it, an L2 term in the loss), optional
@@ -6,11 +6,14 @@ clipping of the averaged gradient, label smoothing, on-device augmentation,
 data parallel over all local devices with per-device perturbations
 (``sam_optax.parallel.shard_map_step``), one evaluation per epoch, metrics
 appended as JSON lines, orbax checkpoints at each epoch's end and every
-``checkpoint_every`` steps, and ``resume=True`` that ends with the same
+``checkpoint_every`` steps, and ``resume`` that ends with the same
 parameters as an uninterrupted run (data order and step keys are functions of
-the seed, the epoch and the step, never of the process). A loss that becomes
+the seed, the epoch and the step, never of the process). The training state
+is passed from step to step; nothing is mutated in place. A loss that becomes
 NaN or infinite stops the run (:class:`TrainingDiverged`) before anything
-after the last good checkpoint is saved. The files are described in
+after the last good checkpoint is saved; a stop asked for (Ctrl-C on the
+command line) stops it between two steps (:class:`Interrupted`), the
+checkpoint being written finished first. The files are described in
 :mod:`sam_optax.program.rundir`.
 """
 
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -29,32 +33,35 @@ import optax
 
 from sam_optax.program import configs
 from sam_optax.program import models
+from sam_optax.program.errors import Interrupted
 from sam_optax.program.errors import TrainingDiverged
 from sam_optax.program.rundir import Checkpoints
 from sam_optax.program.rundir import RunDir
-from sam_optax.program.rundir import restore_final
+from sam_optax.program.rundir import is_writer
 from sam_optax.program.trainer import Trainer
 from sam_optax.program.trainer import build_trainer
-from sam_optax.program.trainer import l2_penalty
-from sam_optax.program.trainer import make_loss
-from sam_optax.program.trainer import make_optimizer
-from sam_optax.program.trainer import make_sam
-from sam_optax.program.trainer import normalizer
 
-__all__ = [
-    "Meter",
-    "epoch_order",
-    "l2_penalty",
-    "make_loss",
-    "make_optimizer",
-    "make_sam",
-    "normalizer",
-    "restore_final",
-    "train_and_evaluate",
-]
-
-EVAL_BATCH = 1000
 METRICS = ("loss", "accuracy")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunOptions:
+    """How a run is carried out: nothing its result depends on (that is the Config).
+
+    Attributes:
+      resume: continue the run in ``workdir`` from its last checkpoint.
+      progress: show a progress bar (the command line shows one on a terminal only).
+      checkpoint_every: also checkpoint every this many steps within an epoch.
+      description: the progress bar's label.
+      stop: once set (the command line sets it on Ctrl-C), the run stops before
+        its next step and raises :class:`~sam_optax.program.errors.Interrupted`.
+    """
+
+    resume: bool = False
+    progress: bool = False
+    checkpoint_every: int | None = None
+    description: str | None = None
+    stop: threading.Event | None = None
 
 
 def epoch_order(seed: int, epoch: int, n: int, batch_size: int) -> np.ndarray:
@@ -132,41 +139,47 @@ def step_scalars(aux_metrics: dict[str, jax.Array], opt_state: Any) -> dict[str,
 # --------------------------------------------------------------------------
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class _Run:
-    """A :class:`~sam_optax.program.trainer.Trainer` and the run directory it writes."""
+    """What a run works with: the compiled setup, its directory, its checkpoints, its options."""
 
     trainer: Trainer
     rundir: RunDir
     checkpoints: Checkpoints
-    checkpoint_every: int | None
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.trainer, name)
+    options: RunOptions
 
 
-def _setup(config, workdir, resume: bool, checkpoint_every: int | None) -> _Run:
+class _Stopped(Exception):
+    """Raised between two steps when ``options.stop`` is set: ``steps`` were done."""
+
+    def __init__(self, steps: int):
+        super().__init__(steps)
+        self.steps = steps
+
+
+def _setup(config: configs.Config, workdir: str | Path, options: RunOptions) -> _Run:
     trainer = build_trainer(config)
     rundir = RunDir(workdir)
-    rundir.prepare(config, resume)
+    rundir.prepare(config, options.resume)
     if trainer.flipped is not None and not rundir.noise_file.is_file():
         noise = {"rate": config.label_noise, "flipped": trainer.flipped.tolist()}
         rundir.write_json(rundir.noise_file, noise)
-    return _Run(trainer, rundir, Checkpoints(rundir.checkpoints), checkpoint_every)
+    return _Run(trainer, rundir, Checkpoints(rundir.checkpoints), options)
 
 
-def _checkpoint_state(run: _Run, meter: Meter, wall: float) -> dict[str, Any]:
-    return {**run.state, "meter": meter.state(), "wall_seconds": np.asarray(wall, np.float64)}
+def _checkpoint_state(state: dict[str, Any], meter: Meter, wall: float) -> dict[str, Any]:
+    return {**state, "meter": meter.state(), "wall_seconds": np.asarray(wall, np.float64)}
 
 
-def _restore(run: _Run) -> tuple[int, Meter, float]:
-    """Restores the latest checkpoint into the placed state: ``(steps done, meter, wall)``."""
-    found = run.checkpoints.restore_latest(_checkpoint_state(run, Meter(), 0.0))
+def _restore(run: _Run) -> tuple[int, dict[str, Any], Meter, float]:
+    """The latest checkpoint: ``(steps done, state, meter, wall seconds)`` (or the start)."""
+    initial = run.trainer.initial_state
+    found = run.checkpoints.restore_latest(_checkpoint_state(initial, Meter(), 0.0))
     if found is None:
-        return 0, Meter(), 0.0
+        return 0, initial, Meter(), 0.0
     latest, restored = found
-    run.trainer.state = {k: restored[k] for k in run.state}
-    return latest, Meter.from_state(restored["meter"]), float(restored["wall_seconds"])
+    state = {k: restored[k] for k in initial}
+    return latest, state, Meter.from_state(restored["meter"]), float(restored["wall_seconds"])
 
 
 def _guard_finite(run: _Run, meter: Meter, epoch: int) -> None:
@@ -174,7 +187,8 @@ def _guard_finite(run: _Run, meter: Meter, epoch: int) -> None:
     bad = meter.flush()
     if bad is None:
         return
-    global_step = (epoch - 1) * run.steps_per_epoch + bad
+    steps = run.trainer.steps_per_epoch
+    global_step = (epoch - 1) * steps + bad
     latest = run.checkpoints.latest()
     kept = (
         f"the last good checkpoint ({latest} steps) is kept in {run.rundir.checkpoints}"
@@ -183,51 +197,66 @@ def _guard_finite(run: _Run, meter: Meter, epoch: int) -> None:
     )
     raise TrainingDiverged(
         f"the training loss became non-finite at epoch {epoch}, step {bad + 1} of "
-        f"{run.steps_per_epoch} (global step {global_step + 1}, learning rate "
-        f"{float(run.schedule(global_step)):.3g}); the run stopped and {kept}. "
+        f"{steps} (global step {global_step + 1}, learning rate "
+        f"{float(run.trainer.schedule(global_step)):.3g}); the run stopped and {kept}. "
         "Lower --lr (or set --clip-norm) and start a new run."
     )
 
 
-def _train_steps(run: _Run, epoch: int, start: int, meter: Meter, clock: Callable, bar) -> None:
-    """Runs the steps ``start..`` of ``epoch``, checkpointing every ``checkpoint_every``."""
-    base_key = jax.random.key(run.config.seed + 1)
-    order = epoch_order(run.config.seed, epoch, len(run.dataset.x_train), run.config.batch_size)
-    for i in range(start, run.steps_per_epoch):
-        global_step = (epoch - 1) * run.steps_per_epoch + i
-        params, opt_state, _, (batch_stats, scalars) = run.step(
-            run.state["params"],
-            run.state["opt_state"],
-            run.batch(order[i]),
-            run.state["batch_stats"],
+def _train_steps(
+    run: _Run,
+    state: dict[str, Any],
+    epoch: int,
+    start: int,
+    meter: Meter,
+    clock: Callable[[], float],
+    bar: Any,
+) -> dict[str, Any]:
+    """Runs the steps ``start..`` of ``epoch`` from ``state``; returns the state after them."""
+    trainer, options = run.trainer, run.options
+    base_key = jax.random.key(trainer.config.seed + 1)
+    order = epoch_order(
+        trainer.config.seed, epoch, len(trainer.dataset.x_train), trainer.config.batch_size
+    )
+    for i in range(start, trainer.steps_per_epoch):
+        global_step = (epoch - 1) * trainer.steps_per_epoch + i
+        if options.stop is not None and options.stop.is_set():
+            raise _Stopped(global_step)
+        params, opt_state, _, (batch_stats, scalars) = trainer.step(
+            state["params"],
+            state["opt_state"],
+            trainer.batch(order[i]),
+            state["batch_stats"],
             rng=jax.random.fold_in(base_key, global_step),
         )
-        run.trainer.state = {"params": params, "batch_stats": batch_stats, "opt_state": opt_state}
+        state = {"params": params, "batch_stats": batch_stats, "opt_state": opt_state}
         meter.add(step_scalars(scalars, opt_state))
         if bar is not None:
             bar.update(1)
             if i % 10 == 0:
                 bar.set_postfix(epoch=epoch, loss=f"{float(scalars['loss']):.3f}")
         done = global_step + 1
-        if (
-            run.checkpoint_every
-            and done % run.checkpoint_every == 0
-            and i + 1 < run.steps_per_epoch
-        ):
+        every = options.checkpoint_every
+        if every and done % every == 0 and i + 1 < trainer.steps_per_epoch:
             _guard_finite(run, meter, epoch)
-            run.checkpoints.save(done, _checkpoint_state(run, meter, clock()))
+            run.checkpoints.save(done, _checkpoint_state(state, meter, clock()))
+    return state
 
 
-def _end_epoch(run: _Run, epoch: int, meter: Meter, epoch_seconds: float, wall: float) -> dict:
+def _end_epoch(
+    run: _Run, state: dict[str, Any], epoch: int, meter: Meter, epoch_seconds: float, wall: float
+) -> dict[str, Any]:
     """Evaluates and returns the epoch's metrics row (the meter already flushed)."""
-    test_loss, test_accuracy = run.evaluate(
-        run.state["params"], run.state["batch_stats"], run.dataset.x_test, run.dataset.y_test
+    trainer = run.trainer
+    test_loss, test_accuracy = trainer.evaluate(
+        state["params"], state["batch_stats"], trainer.dataset.x_test, trainer.dataset.y_test
     )
     train = meter.means()
+    steps = epoch * trainer.steps_per_epoch
     return {
         "epoch": epoch,
-        "step": epoch * run.steps_per_epoch,
-        "lr": float(run.schedule(epoch * run.steps_per_epoch - 1)),
+        "step": steps,
+        "lr": float(trainer.schedule(steps - 1)),
         "train_loss": train["loss"],
         "train_accuracy": train["accuracy"],
         "test_loss": test_loss,
@@ -236,75 +265,105 @@ def _end_epoch(run: _Run, epoch: int, meter: Meter, epoch_seconds: float, wall: 
         "wall_seconds": wall,
         **{k: train[k] for k in DIAGNOSTICS if k != "sam_step"},
         "sam_fraction": train["sam_step"],
-        "gradients_per_step": gradients_per_step(run.config, train["sam_step"]),
+        "gradients_per_step": gradients_per_step(trainer.config, train["sam_step"]),
     }
 
 
 def gradients_per_step(config: configs.Config, sam_fraction: float) -> float:
-    """Gradient evaluations per step: 1 for SGD and MSAM, 1 + the SAM fraction otherwise."""
-    if config.optimizer in ("sgd", "msam"):
+    """Gradient evaluations per step: 1 + the fraction of SAM steps, for the methods whose
+    SAM steps take a second gradient (1 for SGD and MSAM)."""
+    if config.optimizer == "sgd" or not configs.METHODS[config.method].second_gradient:
         return 1.0
     return 1.0 + sam_fraction
 
 
 def train_and_evaluate(
-    config: configs.Config,
-    workdir: str | Path,
-    *,
-    resume: bool = False,
-    progress: bool = True,
-    description: str | None = None,
-    checkpoint_every: int | None = None,
+    config: configs.Config, workdir: str | Path, options: RunOptions | None = None
 ) -> dict[str, Any]:
     """Trains, evaluates each epoch, checkpoints, and returns the run's summary."""
-    run = _setup(config, workdir, resume, checkpoint_every)
+    run = _setup(config, workdir, options or RunOptions())
     try:
-        return _train(run, resume, progress, description)
+        return _train(run)
+    except _Stopped as stopped:
+        run.checkpoints.wait()
+        raise Interrupted(_stopped_message(run, stopped.steps)) from None
     finally:
         run.checkpoints.close()
         run.rundir.release()
 
 
-def _train(run: _Run, resume: bool, progress: bool, description: str | None) -> dict[str, Any]:
-    done, meter, wall_before = _restore(run) if resume else (0, Meter(), 0.0)
-    start_epoch, start_step = done // run.steps_per_epoch + 1, done % run.steps_per_epoch
+def _stopped_message(run: _Run, steps: int) -> str:
+    config, per_epoch = run.trainer.config, run.trainer.steps_per_epoch
+    latest = run.checkpoints.latest()
+    kept = (
+        f"the last checkpoint (step {latest}) is in {run.rundir.checkpoints}"
+        if latest is not None
+        else "no checkpoint had been written yet"
+    )
+    return (
+        f"stopped at step {steps} of {per_epoch * config.epochs} "
+        f"(epoch {steps // per_epoch + 1} of {config.epochs}); {kept}."
+    )
+
+
+def _position(run: _Run, done: int) -> str:
+    per_epoch, epochs = run.trainer.steps_per_epoch, run.trainer.config.epochs
+    if done >= per_epoch * epochs:
+        return f"step {done} of {done}: the run had finished"
+    epoch, step = divmod(done, per_epoch)
+    return f"step {done} of {per_epoch * epochs} (epoch {epoch + 1}, step {step} of {per_epoch})"
+
+
+def _train(run: _Run) -> dict[str, Any]:
+    trainer, options = run.trainer, run.options
+    if options.resume:
+        done, state, meter, wall_before = _restore(run)
+        if is_writer():
+            print(f"resuming {run.rundir.path} at {_position(run, done)}", flush=True)
+    else:
+        done, state, meter, wall_before = 0, trainer.initial_state, Meter(), 0.0
+    per_epoch = trainer.steps_per_epoch
+    start_epoch, start_step = done // per_epoch + 1, done % per_epoch
     history = run.rundir.read_metrics(start_epoch - 1)
     run.rundir.write_metrics(history)
-    total = run.steps_per_epoch * run.config.epochs
-    bar = _progress_bar(total, done, progress, description)
+    bar = _progress_bar(per_epoch * trainer.config.epochs, done, options)
     start = time.perf_counter()
 
     def clock() -> float:
         return wall_before + time.perf_counter() - start
 
-    for epoch in range(start_epoch, run.config.epochs + 1):
-        epoch_start = time.perf_counter()
-        first = start_step if epoch == start_epoch else 0
-        meter = meter if epoch == start_epoch else Meter()
-        _train_steps(run, epoch, first, meter, clock, bar)
-        _guard_finite(run, meter, epoch)  # waits for the epoch's last step
-        row = _end_epoch(run, epoch, meter, time.perf_counter() - epoch_start, clock())
-        history.append(row)
-        run.rundir.write_metrics(history)
-        run.checkpoints.save(
-            epoch * run.steps_per_epoch, _checkpoint_state(run, Meter(), row["wall_seconds"])
-        )
-        if bar is not None:
-            bar.set_postfix(
-                epoch=epoch, loss=f"{row['train_loss']:.3f}", test_acc=f"{row['test_accuracy']:.3f}"
+    try:
+        for epoch in range(start_epoch, trainer.config.epochs + 1):
+            epoch_start = time.perf_counter()
+            first = start_step if epoch == start_epoch else 0
+            meter = meter if epoch == start_epoch else Meter()
+            state = _train_steps(run, state, epoch, first, meter, clock, bar)
+            _guard_finite(run, meter, epoch)  # waits for the epoch's last step
+            row = _end_epoch(run, state, epoch, meter, time.perf_counter() - epoch_start, clock())
+            history.append(row)
+            run.rundir.write_metrics(history)
+            run.checkpoints.save(
+                epoch * per_epoch, _checkpoint_state(state, Meter(), row["wall_seconds"])
             )
-    if bar is not None:
-        bar.close()
-    return _summary(run, history)
+            if bar is not None:
+                bar.set_postfix(
+                    epoch=epoch,
+                    loss=f"{row['train_loss']:.3f}",
+                    test_acc=f"{row['test_accuracy']:.3f}",
+                )
+    finally:
+        if bar is not None:
+            bar.close()
+    return _summary(run, state, history)
 
 
-def _summary(run: _Run, history: list[dict[str, Any]]) -> dict[str, Any]:
-    config = run.config
+def _summary(run: _Run, state: dict[str, Any], history: list[dict[str, Any]]) -> dict[str, Any]:
+    config = run.trainer.config
     timed = [r["epoch_seconds"] for r in history[1:]] or [history[0]["epoch_seconds"]]
     summary = {
         "optimizer": config.optimizer,
         "method": config.method,
-        "rho": config.rho,
+        "rho": config.radius,
         "m": config.m,
         "seed": config.seed,
         "label_noise": config.label_noise,
@@ -316,7 +375,7 @@ def _summary(run: _Run, history: list[dict[str, Any]]) -> dict[str, Any]:
         "wall_seconds": history[-1]["wall_seconds"],
         "median_epoch_seconds": float(np.median(timed)),
         "gradients_per_step": float(np.mean([r["gradients_per_step"] for r in history])),
-        "num_params": models.count_params(run.state["params"]),
+        "num_params": models.count_params(state["params"]),
         "devices": jax.device_count(),
         "run_dir": str(run.rundir.path),
     }
@@ -324,15 +383,15 @@ def _summary(run: _Run, history: list[dict[str, Any]]) -> dict[str, Any]:
     return summary
 
 
-def _progress_bar(total: int, initial: int, enabled: bool, description: str | None):
-    if not enabled:
+def _progress_bar(total: int, initial: int, options: RunOptions) -> Any:
+    if not options.progress:
         return None
     from tqdm.auto import tqdm
 
     return tqdm(
         total=total,
         initial=initial,
-        desc=description or "train",
+        desc=options.description or "train",
         unit="step",
         dynamic_ncols=True,
         leave=False,

@@ -4,9 +4,10 @@
 a :class:`Trainer`: the model, its (placed) initial state, the device mesh
 (``data`` replicas, optionally split into ``sync`` groups that share one
 perturbation, and a ``model`` axis that shards the params within each
-replica), the data-parallel SAM step and the evaluation. The training loop
-(:mod:`sam_optax.program.train`) and the comparisons' cost measurements
-(:mod:`sam_optax.program.compare`) build on it.
+replica), the data-parallel SAM step and the evaluation, both built on
+:func:`sam_optax.flax.linen_loss_fn`. The method comes from
+:data:`~sam_optax.program.configs.METHODS`. The training loop
+(:mod:`sam_optax.program.train`) builds on it.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import optax
 from jax.sharding import PartitionSpec as P
 
 import sam_optax
+from sam_optax import flax as sam_flax
 from sam_optax import parallel
 from sam_optax.program import configs
 from sam_optax.program import input_pipeline
@@ -37,41 +39,19 @@ EVAL_BATCH = 1000
 # --------------------------------------------------------------------------
 
 
-def make_sam(
-    config: configs.Config, total_steps: int, axis_name: Any = "data"
-) -> optax.GradientTransformationExtraArgs:
-    """The SAM-family transformation of ``config.method`` (``sam(0.0)`` when ``rho == 0``).
-
-    ``axis_name`` is the data axis (or ``('data', 'sync')`` with
-    ``config.sync_group``: one perturbation per group of devices).
-    """
-    if config.rho == 0:
-        return sam_optax.sam(0.0, axis_name=axis_name)
+def _method_options(config: configs.Config, axis_name: Any) -> dict[str, Any]:
+    """The options handed to the method's factory: the perturbation's, or the axis alone."""
+    if not configs.METHODS[config.method].perturbation_options:
+        return {"axis_name": axis_name}
     sync = config.sync_perturbation
     if config.sync_group is not None and axis_name is not None:
         sync = "sync"
-    common = {
+    return {
         "norm": config.norm,
         "adaptive": config.adaptive,
         "axis_name": axis_name,
         "sync_perturbation": sync,
     }
-    rho = config.rho
-    factories = {
-        "sam": lambda: sam_optax.sam(rho, **common),
-        "gsam": lambda: sam_optax.gsam(rho, config.gsam_alpha, **common),
-        "looksam": lambda: sam_optax.looksam(
-            rho, config.looksam_every, config.looksam_alpha, **common
-        ),
-        "rst": lambda: sam_optax.rst(rho, config.rst_probability, seed=config.seed, **common),
-        "aesam": lambda: sam_optax.aesam(
-            rho,
-            optax.linear_schedule(config.aesam_threshold, -config.aesam_threshold, total_steps),
-            **common,
-        ),
-        "fsam": lambda: sam_optax.fsam(rho, config.fsam_sigma, decay=config.fsam_decay, **common),
-    }
-    return factories[config.method]()
 
 
 def make_optimizer(
@@ -79,10 +59,14 @@ def make_optimizer(
 ) -> optax.GradientTransformation:
     """``chain(method, [clip], [add_decayed_weights], sgd(cosine))``; rho = 0 is data-parallel SGD.
 
-    The method (``sam`` or a variant) averages the SAM gradients over the
-    devices, so the clipping acts on the averaged gradient (the paper's code).
-    Weight decay is decoupled unless ``l2_in_loss`` puts it in the loss
-    (:func:`make_loss`).
+    The method (:data:`~sam_optax.program.configs.METHODS`; ``sam(0.0)``, the
+    data-parallel average alone, when ``rho == 0``) averages the SAM
+    gradients over the devices, so the clipping acts on the averaged gradient
+    (the paper's code); a method that ``wraps_base`` builds the whole
+    optimizer around the same base. ``axis_name`` is the data axis (or
+    ``('data', 'sync')`` with ``config.sync_group``: one perturbation per
+    group of devices). Weight decay is decoupled unless ``l2_in_loss`` puts it
+    in the loss (:func:`make_loss`).
     """
     schedule = optax.cosine_decay_schedule(config.lr, total_steps)
     parts = []
@@ -91,17 +75,12 @@ def make_optimizer(
     if config.weight_decay and not config.l2_in_loss:
         parts.append(optax.add_decayed_weights(config.weight_decay))
     parts.append(optax.sgd(schedule, momentum=config.momentum, nesterov=config.nesterov))
-    if config.optimizer == "msam":
-        # The authors' SGD-MSAM: the direction is SGD's own momentum (clipped
-        # gradients and weight decay included), decay read at the point held.
-        if config.adaptive or config.norm != 2 or config.sync_perturbation:
-            raise UsageError(
-                "--method msam takes neither --adaptive, --norm nor --sync-perturbation."
-            )
-        return sam_optax.msam(
-            optax.chain(*parts), config.msam_rho, sees="perturbed", axis_name=axis_name
-        )
-    return optax.chain(make_sam(config, total_steps, axis_name), *parts)
+    if config.rho == 0:
+        return optax.chain(sam_optax.sam(0.0, axis_name=axis_name), *parts)
+    method = configs.METHODS[config.method]
+    options = _method_options(config, axis_name)
+    tx = method.build(config, options, total_steps, optax.chain(*parts))
+    return tx if method.wraps_base else optax.chain(tx, *parts)
 
 
 def normalizer(dataset: input_pipeline.Dataset) -> Callable[[jax.Array], jax.Array]:
@@ -122,52 +101,52 @@ def l2_penalty(params: Any) -> jax.Array:
 def make_loss(model, normalize, config: configs.Config, num_classes: int):
     """``loss(params, batch, batch_stats, rng) -> (objective, (new_batch_stats, metrics))``.
 
-    The objective is the (label-smoothed) cross entropy, plus
-    ``weight_decay * l2_penalty`` with ``l2_in_loss``. ``metrics`` holds the
-    cross entropy (``loss``) and the accuracy of this pass. Augmentation and
-    dropout draw from ``rng``, which the SAM step passes unchanged to both
-    passes; BatchNorm runs in training mode and the new statistics come from
-    this (the clean) pass.
+    The model's pass is :func:`sam_optax.flax.linen_loss_fn` (training mode:
+    BatchNorm normalizes with the batch's statistics and the new statistics
+    come from this, the clean, pass). The objective is the (label-smoothed)
+    cross entropy, plus ``weight_decay * l2_penalty`` with ``l2_in_loss``;
+    ``metrics`` holds the cross entropy (``loss``) and the accuracy of the
+    pass. Augmentation and dropout draw from ``rng``, which the SAM step
+    passes unchanged to both passes.
     """
+
+    def criterion(logits: jax.Array, y: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+        targets = optax.smooth_labels(jax.nn.one_hot(y, num_classes), config.label_smoothing)
+        xent = optax.softmax_cross_entropy(logits, targets).mean()
+        return xent, {"loss": xent, "accuracy": jnp.mean(jnp.argmax(logits, -1) == y)}
+
+    forward = sam_flax.linen_loss_fn(model.apply, criterion, has_aux=True, train=True)
+    decay = config.weight_decay if config.l2_in_loss else 0.0
 
     def loss(params, batch, batch_stats, rng):
         x, y = batch
         aug_key, dropout_key = jax.random.split(rng)
         x = augment(normalize(x), aug_key, config.augment)
-        variables = {"params": params}
-        if batch_stats is not None:
-            variables["batch_stats"] = batch_stats
-        out = model.apply(
-            variables,
-            x,
-            train=True,
-            mutable=["batch_stats"] if batch_stats is not None else False,
-            rngs={"dropout": dropout_key},
-        )
-        logits, mutated = out if batch_stats is not None else (out, {})
-        targets = optax.smooth_labels(jax.nn.one_hot(y, num_classes), config.label_smoothing)
-        xent = optax.softmax_cross_entropy(logits, targets).mean()
-        objective = xent
-        if config.l2_in_loss and config.weight_decay:
-            objective = xent + config.weight_decay * l2_penalty(params)
-        metrics = {"loss": xent, "accuracy": jnp.mean(jnp.argmax(logits, -1) == y)}
-        return objective, (mutated.get("batch_stats"), metrics)
+        xent, aux = forward(params, (x, y), batch_stats, dropout_key)
+        return (xent + decay * l2_penalty(params) if decay else xent), aux
 
     return loss
 
 
-def make_eval(model, normalize, num_classes: int):
-    """``evaluate(params, batch_stats, x, y) -> (mean loss, accuracy)`` in chunks of EVAL_BATCH."""
-    del num_classes
+def make_eval(model, normalize):
+    """``evaluate(params, batch_stats, x, y) -> (mean loss, accuracy)`` in chunks of EVAL_BATCH.
+
+    The model in evaluation mode (running BatchNorm statistics, no dropout),
+    through :func:`sam_optax.flax.linen_loss_fn`.
+    """
+
+    def criterion(logits: jax.Array, y: jax.Array) -> tuple[jax.Array, jax.Array]:
+        losses = optax.softmax_cross_entropy_with_integer_labels(logits, y)
+        return jnp.sum(losses), jnp.sum(jnp.argmax(logits, -1) == y)
+
+    forward = sam_flax.linen_loss_fn(
+        model.apply, criterion, update_batch_stats=False, has_aux=True, train=False
+    )
 
     @jax.jit
     def eval_batch(params, batch_stats, x, y):
-        variables = {"params": params}
-        if batch_stats is not None:
-            variables["batch_stats"] = batch_stats
-        logits = model.apply(variables, normalize(x), train=False)
-        losses = optax.softmax_cross_entropy_with_integer_labels(logits, y)
-        return jnp.sum(losses), jnp.sum(jnp.argmax(logits, -1) == y)
+        total, (_, correct) = forward(params, (normalize(x), y), batch_stats)
+        return total, correct
 
     def evaluate(params, batch_stats, x, y) -> tuple[float, float]:
         params, batch_stats = host_copy((params, batch_stats))
@@ -196,25 +175,6 @@ def host_copy(tree: Any) -> Any:
 # --------------------------------------------------------------------------
 
 
-def mesh_shape(config: configs.Config, n_devices: int) -> dict[str, int]:
-    """The mesh axes of a run: ``data`` (split into ``data`` x ``sync`` with
-    ``sync_group``) and ``model``; ``config.mesh`` like ``'data=4,model=2'``."""
-    axes = configs.parse_mesh(config.mesh)
-    model = axes.get("model", 1)
-    data = axes.get("data", n_devices // model)
-    if data * model != n_devices:
-        raise UsageError(
-            f"--mesh {config.mesh!r} needs {data * model} devices, {n_devices} are here."
-        )
-    if config.sync_group is None:
-        return {"data": data, "model": model}
-    if data % config.sync_group:
-        raise UsageError(
-            f"--sync-group {config.sync_group} does not divide the {data} data replicas."
-        )
-    return {"data": data // config.sync_group, "sync": config.sync_group, "model": model}
-
-
 def data_axes(shape: dict[str, int]) -> str | tuple[str, str]:
     return ("data", "sync") if "sync" in shape else "data"
 
@@ -239,9 +199,14 @@ def param_specs(params: Any, model_size: int) -> Any:
 # --------------------------------------------------------------------------
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class Trainer:
-    """A compiled training setup: data, mesh, step, evaluation and the placed initial state."""
+    """A compiled training setup: data, mesh, step, evaluation and the placed initial state.
+
+    Immutable: the training loop passes the state along
+    (``{'params', 'batch_stats', 'opt_state'}``, starting from
+    ``initial_state``) and hands it to :attr:`step`.
+    """
 
     config: configs.Config
     dataset: input_pipeline.Dataset
@@ -253,7 +218,7 @@ class Trainer:
     step: Callable[..., Any]
     evaluate: Callable[..., Any]
     schedule: Callable[[int], Any]
-    state: dict[str, Any]
+    initial_state: dict[str, Any]
 
     def batch(self, indices: np.ndarray) -> Any:
         """The global batch of these example indices; each process feeds its own slice."""
@@ -278,7 +243,7 @@ def build_trainer(config: configs.Config, dataset: input_pipeline.Dataset | None
             f"--batch-size {config.batch_size} is larger than the "
             f"{len(dataset.x_train)} training examples."
         )
-    shape = mesh_shape(config, n_devices)
+    shape = configs.mesh_shape(config, n_devices)
     mesh = jax.make_mesh(
         tuple(shape.values()),
         tuple(shape),
@@ -318,7 +283,7 @@ def build_trainer(config: configs.Config, dataset: input_pipeline.Dataset | None
         mesh=mesh,
         data_axes=axes,
         step=step,
-        evaluate=make_eval(model, normalize, dataset.num_classes),
+        evaluate=make_eval(model, normalize),
         schedule=optax.cosine_decay_schedule(config.lr, total_steps),
-        state=state,
+        initial_state=state,
     )

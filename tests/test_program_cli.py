@@ -1,0 +1,132 @@
+"""The command line is derived from ``Config``: one flag per field, help, types and
+checks read from the fields, every message naming the flag; the method table."""
+
+import dataclasses
+import json
+import math
+import re
+
+import jax.numpy as jnp
+import pytest
+
+from sam_optax.program import cli
+from sam_optax.program import configs
+from sam_optax.program import trainer
+from sam_optax.program.errors import UsageError
+
+FIELDS = dataclasses.fields(configs.Config)
+
+
+def _options(parser, command):
+    sub = next(a for a in parser._actions if a.dest == "command").choices[command]
+    return {a.dest: a for a in sub._actions}
+
+
+@pytest.mark.parametrize("command", ["train", "compare"])
+def test_every_config_field_is_one_flag_with_its_help(command):
+    actions = _options(cli.build_parser(), command)
+    for field in FIELDS:
+        if command == "compare" and field.name in cli.GRID_FIELDS:
+            continue  # replaced by the grid's comma lists
+        action = actions[field.name]
+        flag = "--" + field.name.replace("_", "-")
+        assert flag in action.option_strings, field.name
+        assert action.help.startswith(field.metadata["help"].replace("%", "%%")), field.name
+    if command == "compare":
+        assert {"methods", "rhos", "seeds"} <= set(actions)
+        assert "seed" not in actions and "rho" not in actions
+
+
+def test_flags_are_typed_from_the_annotations():
+    args = cli.build_parser().parse_args(
+        ["train", "--epochs", "3", "--lr", "0.5", "--m", "batch", "--clip-norm", "none",
+         "--norm", "inf", "--nesterov", "--mesh", "data=8", "--sync-group", "2"]
+    )  # fmt: skip
+    given = cli.given_settings(args)
+    assert given == {
+        "epochs": 3,
+        "lr": 0.5,
+        "m": None,
+        "clip_norm": None,
+        "norm": math.inf,
+        "nesterov": True,
+        "mesh": "data=8",
+        "sync_group": 2,
+    }
+    assert type(given["epochs"]) is int and type(given["lr"]) is float
+
+
+def _bad_value(check):
+    for value in (-1, -0.5, 0, 0.5, 1, 1.5, math.nan, math.inf):
+        try:
+            if not check.ok(value):
+                return value
+        except TypeError:
+            continue
+    raise AssertionError("no bad value found")
+
+
+CHECKED = [f for f in FIELDS if f.metadata["check"] is not None]
+CHOICES = [f for f in FIELDS if f.metadata["choices"] is not None]
+
+
+@pytest.mark.parametrize("field", CHECKED, ids=[f.name for f in CHECKED])
+def test_each_checked_field_is_refused_by_its_flag_name(field):
+    bad = _bad_value(field.metadata["check"])
+    config = configs.recipe("digits-noise").replace(**{field.name: bad})
+    flag = "--" + field.name.replace("_", "-")
+    with pytest.raises(UsageError, match=rf"^{flag} must be .+, got {re.escape(repr(bad))}\.$"):
+        configs.validate(config, n_devices=1)
+
+
+@pytest.mark.parametrize("field", CHOICES, ids=[f.name for f in CHOICES])
+def test_each_field_with_choices_lists_them(field):
+    config = configs.recipe("digits-noise").replace(**{field.name: "nope"})
+    flag = "--" + field.name.replace("_", "-")
+    with pytest.raises(UsageError) as err:
+        configs.validate(config, n_devices=1)
+    assert str(err.value) == (
+        f"{flag}: unknown 'nope'; valid choices: {', '.join(field.metadata['choices'])}."
+    )
+
+
+def test_every_recipe_is_valid_and_every_value_round_trips_through_its_flag():
+    for name, config in configs.RECIPES.items():
+        assert configs.field_errors(config) == [], name
+        for field in FIELDS:
+            value = getattr(config, field.name)
+            text = configs.as_flag(field.name, value)
+            if isinstance(value, bool):
+                parsed = cli.build_parser().parse_args(["train", text])
+                assert getattr(parsed, field.name) is value
+            else:
+                assert configs.parse_value(field.name, text.split(" ", 1)[1]) == value, text
+
+
+def test_config_json_keeps_an_infinite_norm():
+    # --norm inf (the sign direction) is no JSON number; config.json keeps its text.
+    config = configs.recipe("digits-noise").replace(norm=math.inf)
+    saved = json.loads(json.dumps(config.to_dict(), allow_nan=False))
+    assert saved["norm"] == "inf"
+    assert configs.Config.from_dict(saved) == config
+
+
+def test_the_method_table_is_the_only_list_of_methods():
+    parser = cli.build_parser()
+    assert _options(parser, "train")["method"].help.endswith(
+        f"one of {', '.join(configs.METHODS)} [default sam]"
+    )
+    assert configs.Config.__dataclass_fields__["method"].metadata["choices"] == tuple(
+        configs.METHODS
+    )
+    base = configs.recipe("digits-noise")
+    params = {"w": jnp.ones(3)}
+    for name, method in configs.METHODS.items():
+        config = base.replace(method=name)
+        tx = trainer.make_optimizer(config, total_steps=10, axis_name=None)
+        state = tx.init(params)
+        updates, _ = tx.update(params, state, params, value_fn=lambda p: jnp.sum(p["w"] ** 2))
+        assert jnp.all(jnp.isfinite(updates["w"])), name
+        assert config.radius == getattr(config, method.radius)
+    assert base.replace(method="msam").radius == base.msam_rho
+    assert base.replace(rho=0.0, method="msam").radius == 0.0
