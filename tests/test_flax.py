@@ -531,3 +531,16 @@ def test_nnx_loss_fn_passes_rngs_like_the_flax_examples_per_device():
     v = _mean([shard_sam_gradient(d) for d in range(8)])
     expected = jax.tree.map(lambda w, d: w - LR * d, params, v)
     assert_trees_close(new_params, expected, rtol=2e-5, atol=1e-6)
+
+
+def test_plain_train_state_apply_gradients_points_to_sam_train_state():
+    # flax's own TrainState drops value_fn before tx.update: the error names the fix.
+    from flax.training import train_state
+
+    state = train_state.TrainState.create(
+        apply_fn=None,
+        params={"w": jnp.ones(2)},
+        tx=optax.chain(sam_optax.sam(0.05), optax.sgd(0.1)),
+    )
+    with pytest.raises(TypeError, match="SAMTrainState"):
+        state.apply_gradients(grads={"w": jnp.ones(2)}, value_fn=lambda p: jnp.sum(p["w"]))

@@ -684,3 +684,56 @@ def test_axis_name_outside_a_mapped_context_names_the_axis():
     tx = sam_optax.sam(axis_name="devices")
     with pytest.raises(ValueError, match="'devices'"):
         tx.update(params, tx.init(params), params, value_fn=lambda p: jnp.sum(p**2))
+
+
+# --------------------------------------------------------------------------
+# Bad arguments are refused at construction, by name; known wrappers name the fix.
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"rho": None}, "rho must be a number"),
+        ({"rho": "0.05"}, "rho must be a number"),
+        ({"rho": -0.1}, "rho must be >= 0"),
+        ({"rho": optax.constant_schedule(-0.1)}, "the rho schedule returns -0.1"),
+        ({"norm": "l2"}, "norm must be a number > 1"),
+        ({"norm": 1.0}, "norm must be a number > 1"),
+        ({"ascent_steps": 0}, "ascent_steps must be an integer >= 1"),
+        ({"adaptive": "yes"}, "adaptive must be True or False"),
+        ({"eta": -1.0}, "eta must be >= 0"),
+        ({"direction": "up"}, "direction must be one of"),
+        ({"sync_perturbation": True}, "sync_perturbation=True needs axis_name"),
+    ],
+)
+def test_bad_arguments_are_refused_at_construction(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        sam_optax.sam(**kwargs)
+
+
+def test_unknown_options_are_named_with_the_valid_ones():
+    with pytest.raises(TypeError, match="unknown option.*adaptiv\\b.*its options are norm, adaptive"):
+        sam_optax.sam(0.05, adaptiv=True)
+
+
+def test_a_closure_that_returns_a_python_number_is_named():
+    params = {"w": jnp.ones(2)}
+    tx = sam_optax.sam(0.05)
+    with pytest.raises(TypeError, match="value_fn must return a scalar loss as a JAX array"):
+        tx.update(params, tx.init(params), params, value_fn=lambda p: 1.0)
+
+
+def test_optax_masked_names_sams_own_mask_option():
+    params = {"w": jnp.ones(2), "b": jnp.ones(1)}
+    tx = optax.masked(sam_optax.sam(0.05), {"w": True, "b": False})
+    loss = lambda p: jnp.sum(p["w"] ** 2) + jnp.sum(p["b"] ** 2)  # noqa: E731
+    with pytest.raises(ValueError, match=r"optax.masked.*sam\(\.\.\., mask=mask\)"):
+        tx.update(jax.grad(loss)(params), tx.init(params), params, value_fn=loss)
+
+
+def test_a_missing_closure_names_the_wrappers_that_drop_it():
+    params = {"w": jnp.ones(2)}
+    tx = sam_optax.sam(0.05)
+    with pytest.raises(TypeError, match="SAMTrainState.*MultiSteps"):
+        tx.update(params, tx.init(params), params)
