@@ -36,8 +36,10 @@ __all__ = [
     "SAMTrainState",
     "freeze_batch_norm",
     "linen_loss_fn",
+    "linen_normalization_mask",
     "linen_train_step",
     "nnx_loss_fn",
+    "nnx_normalization_mask",
     "nnx_train_step",
     "nnx_value_and_grad",
     "nnx_value_fn",
@@ -395,3 +397,94 @@ def linen_train_step(
         return state, loss
 
     return jax.jit(step, donate_argnums=(0,) if donate else ())
+
+
+# --------------------------------------------------------------------------
+# SAM-ON: perturb the normalization layers only.
+# --------------------------------------------------------------------------
+
+#: The normalization layers of NNX whose params SAM-ON perturbs.
+NNX_NORMALIZATION = (nnx.BatchNorm, nnx.LayerNorm, nnx.GroupNorm, nnx.RMSNorm)
+#: The name prefixes Linen gives its normalization layers (``BatchNorm_0``, ...).
+LINEN_NORMALIZATION = ("BatchNorm", "LayerNorm", "GroupNorm", "RMSNorm")
+
+
+def _path_keys(path: tuple[Any, ...]) -> tuple[Any, ...]:
+    """The plain keys of a JAX key path (dict keys, attribute names, indices)."""
+    keys = []
+    for entry in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(entry, attr):
+                keys.append(getattr(entry, attr))
+                break
+    return tuple(keys)
+
+
+def nnx_normalization_mask(
+    model: nnx.Module, types: tuple[type, ...] = NNX_NORMALIZATION
+) -> Callable[[Any], Any]:
+    """SAM-ON's mask for an NNX model: perturb the params of its normalization layers only.
+
+    Returns ``params -> mask`` for ``sam_optax.sam(rho, mask=...)`` (or any
+    method of the family): ``True`` for every param (scale and bias) of a
+    module of ``types`` in ``model``, ``False`` elsewhere. Mueller et al.
+    find that perturbing only these, with a larger radius, matches or beats
+    SAM; their code perturbs the params whose name contains ``norm`` or
+    ``bn`` (mueller-mp/SAM-ON).
+
+    Examples:
+      >>> import jax, optax, sam_optax
+      >>> from flax import nnx
+      >>> from sam_optax.flax import nnx_normalization_mask
+      >>> class Net(nnx.Module):
+      ...     def __init__(self, rngs):
+      ...         self.dense = nnx.Linear(3, 4, rngs=rngs)
+      ...         self.norm = nnx.LayerNorm(4, rngs=rngs)
+      >>> model = Net(nnx.Rngs(0))
+      >>> mask = nnx_normalization_mask(model)(nnx.state(model, nnx.Param))
+      >>> print(sum(jax.tree.leaves(mask)), "of", len(jax.tree.leaves(mask)))  # norm's scale, bias
+      2 of 4
+      >>> tx = optax.chain(sam_optax.sam(0.5, mask=nnx_normalization_mask(model)), optax.sgd(0.1))
+
+    References:
+      Mueller et al, `Normalization Layers Are All That Sharpness-Aware
+      Minimization Needs <https://arxiv.org/abs/2306.04226>`_, 2023.
+    """
+    paths = {tuple(p) for p, node in nnx.iter_graph(model) if isinstance(node, types)}
+
+    def mask(params: Any) -> Any:
+        def selected(path: tuple[Any, ...], _: Any) -> bool:
+            keys = _path_keys(path)
+            return any(keys[: len(p)] == p for p in paths)
+
+        return jax.tree_util.tree_map_with_path(selected, params)
+
+    return mask
+
+
+def linen_normalization_mask(
+    prefixes: tuple[str, ...] = LINEN_NORMALIZATION,
+) -> Callable[[Any], Any]:
+    """SAM-ON's mask for Linen params: perturb the params of normalization layers only.
+
+    Returns ``params -> mask``: ``True`` for every param under a module whose
+    name starts with one of ``prefixes`` (Linen names an unnamed
+    ``nn.BatchNorm`` ``BatchNorm_0``, ...; pass your own prefixes for modules
+    you named, e.g. ``("bn",)``). See :func:`nnx_normalization_mask`.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from sam_optax.flax import linen_normalization_mask
+      >>> params = {"Dense_0": {"kernel": jnp.ones((3, 4))}, "BatchNorm_0": {"scale": jnp.ones(4)}}
+      >>> linen_normalization_mask()(params)
+      {'BatchNorm_0': {'scale': True}, 'Dense_0': {'kernel': False}}
+    """
+    prefixes = tuple(prefixes)
+
+    def mask(params: Any) -> Any:
+        def selected(path: tuple[Any, ...], _: Any) -> bool:
+            return any(str(k).startswith(prefixes) for k in _path_keys(path))
+
+        return jax.tree_util.tree_map_with_path(selected, params)
+
+    return mask

@@ -125,7 +125,10 @@ def test_the_method_table_is_the_only_list_of_methods():
         config = base.replace(method=name)
         tx = trainer.make_optimizer(config, total_steps=10, axis_name=None)
         state = tx.init(params)
-        updates, _ = tx.update(params, state, params, value_fn=lambda p: jnp.sum(p["w"] ** 2))
+        closure = (
+            (lambda p: p["w"] ** 2) if method.per_example else (lambda p: jnp.sum(p["w"] ** 2))
+        )
+        updates, _ = tx.update(params, state, params, value_fn=closure)
         assert jnp.all(jnp.isfinite(updates["w"])), name
         assert config.radius == getattr(config, method.radius)
     assert base.replace(method="msam").radius == base.msam_rho

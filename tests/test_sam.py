@@ -713,7 +713,9 @@ def test_bad_arguments_are_refused_at_construction(kwargs, match):
 
 
 def test_unknown_options_are_named_with_the_valid_ones():
-    with pytest.raises(TypeError, match="unknown option.*adaptiv\\b.*its options are norm, adaptive"):
+    with pytest.raises(
+        TypeError, match="unknown option.*adaptiv\\b.*its options are norm, adaptive"
+    ):
         sam_optax.sam(0.05, adaptiv=True)
 
 

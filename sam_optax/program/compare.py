@@ -36,7 +36,8 @@ def plan_runs(
     """The runs: SGD (rho = 0) at 1x and 2x the epochs, each method at each positive rho.
 
     A method whose radius is a field of its own (MSAM's ``msam_rho``) runs once
-    per seed: the grid's radii are not on its scale.
+    per seed: the grid's radii are not on its scale. A method that selects
+    examples (ESAM) perturbs once per device batch (``m`` = the batch).
     """
     plan = []
     radii = [r for r in rhos if r > 0]
@@ -46,8 +47,10 @@ def plan_runs(
                 plan.append(base.replace(rho=0.0, m=None, seed=seed, epochs=epochs))
         for method in methods:
             own = configs.METHODS[method].radius != "rho"
+            m = None if configs.METHODS[method].per_example else base.m
             plan += [
-                base.replace(method=method, rho=r, seed=seed) for r in radii[: 1 if own else None]
+                base.replace(method=method, rho=r, seed=seed, m=m)
+                for r in radii[: 1 if own else None]
             ]
     return plan
 

@@ -79,6 +79,7 @@ class Method(NamedTuple):
     perturbation_options: bool = True
     second_gradient: bool = True
     wraps_base: bool = False
+    per_example: bool = False
 
 
 # Adding a method: its hyperparameters as Config fields (below), one entry here.
@@ -112,6 +113,28 @@ METHODS: dict[str, Method] = {
     "fsam": Method(
         "F-SAM",
         lambda c, kw, steps, base: sam_optax.fsam(c.rho, c.fsam_sigma, decay=c.fsam_decay, **kw),
+    ),
+    "vasso": Method(
+        "VaSSO", lambda c, kw, steps, base: sam_optax.vasso(c.rho, c.vasso_theta, **kw)
+    ),
+    "wsam": Method(
+        "WSAM",
+        # The authors' decoupled form: the sharpness step at the base's learning rate.
+        lambda c, kw, steps, base: sam_optax.wsam(
+            base,
+            c.rho,
+            c.wsam_gamma,
+            learning_rate=optax.cosine_decay_schedule(c.lr, steps),
+            **kw,
+        ),
+        wraps_base=True,
+    ),
+    "esam": Method(
+        "ESAM",
+        lambda c, kw, steps, base: sam_optax.esam(
+            c.rho, c.esam_beta, c.esam_gamma, seed=c.seed, **kw
+        ),
+        per_example=True,
     ),
 }
 
@@ -190,6 +213,12 @@ class Config:
         check=Check(lambda v: v > 1, "> 1 (inf for the sign)"),
     )
     adaptive: bool = option(False, "ASAM")
+    eta: float = option(0.01, "ASAM's eta in T = |w| + eta", check=at_least(0))
+    perturb: str = option(
+        "all",
+        "which params are perturbed: all, or norm (the normalization layers only: SAM-ON)",
+        choices=("all", "norm"),
+    )
     m: int | None = option(
         8,
         "examples per perturbation (m-sharpness), 'batch' for the per-device batch",
@@ -207,6 +236,20 @@ class Config:
     aesam_threshold: float = option(1.0, "AE-SAM's c, moved linearly from +c to -c")
     fsam_sigma: float = option(1.0, "F-SAM's sigma")
     fsam_decay: float = option(0.6, "F-SAM's running-mean decay", check=fraction())
+    vasso_theta: float = option(
+        0.9, "VaSSO's theta (weight of the newest gradient)", check=fraction(closed=True)
+    )
+    wsam_gamma: float = option(0.9, "WSAM's gamma (weight of the sharpness)", check=fraction())
+    esam_beta: float = option(
+        0.5,
+        "ESAM's beta (probability of perturbing a tensor)",
+        check=Check(lambda v: 0 < v <= 1, "in (0, 1]"),
+    )
+    esam_gamma: float = option(
+        0.5,
+        "ESAM's gamma (fraction of the examples selected)",
+        check=Check(lambda v: 0 < v <= 1, "in (0, 1]"),
+    )
     label_noise: float = option(0.4, "fraction of training labels flipped", check=fraction())
     label_smoothing: float = option(0.0, "label smoothing", check=fraction())
     augment: str = option("none", "on-device augmentation", choices=AUGMENTATIONS)
@@ -344,6 +387,11 @@ RECIPES: dict[str, Config] = {
     "wrn28_10-cifar10-1800": _WRN_CIFAR10.replace(**_LONG),
     "wrn28_10-cifar100-1800": _WRN_CIFAR10.replace(dataset="cifar100", rho=0.1, **_LONG),
     "resnet32-cifar10-noise": _WRN_CIFAR10.replace(model="resnet32", rho=0.1, label_noise=0.4),
+    # SAM-ON (Mueller et al. 2023, mueller-mp/SAM-ON): ASAM on the BatchNorm
+    # params only, elementwise with eta 0, rho 10 (their WRN-28-10 CIFAR-100 run).
+    "wrn28_10-cifar100-samon": _WRN_CIFAR10.replace(
+        dataset="cifar100", rho=10.0, adaptive=True, eta=0.0, perturb="norm"
+    ),
     "wrn28_10-fashion_mnist": _WRN_CIFAR10.replace(dataset="fashion_mnist"),
 }
 DEFAULT_RECIPE = "digits-noise"
@@ -377,9 +425,16 @@ def base_recipe_name(config_name: str | None, dataset: str | None) -> str:
 
 
 def resolve(config_name: str | None, overrides: dict[str, Any]) -> tuple[str, Config]:
-    """``(base recipe name, resolved Config)`` from ``--config`` and the flags given."""
+    """``(base recipe name, resolved Config)`` from ``--config`` and the flags given.
+
+    A method that selects examples (ESAM) takes the whole device batch as its
+    group unless ``--m`` is given (the recipe's m does not apply to it).
+    """
     name = base_recipe_name(config_name, overrides.get("dataset"))
-    return name, recipe(name).replace(**overrides)
+    config = recipe(name).replace(**overrides)
+    if METHODS[config.method].per_example and "m" not in overrides:
+        config = config.replace(m=None)
+    return name, config
 
 
 def resumed(
@@ -424,6 +479,11 @@ def validate(config: Config, n_devices: int = 1) -> None:
         raise UsageError(
             f"--method {config.method} takes neither --adaptive, --norm, --sync-perturbation "
             "nor --sync-group."
+        )
+    if config.rho > 0 and method.per_example and config.m is not None:
+        raise UsageError(
+            f"--method {config.method} selects examples within each device's batch: it takes "
+            f"one perturbation per device batch, --m batch (got --m {config.m})."
         )
     shape = mesh_shape(config, n_devices)
     replicas = n_devices // shape["model"]

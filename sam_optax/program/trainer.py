@@ -40,18 +40,32 @@ EVAL_BATCH = 1000
 
 
 def _method_options(config: configs.Config, axis_name: Any) -> dict[str, Any]:
-    """The options handed to the method's factory: the perturbation's, or the axis alone."""
+    """The options handed to the method's factory: the perturbation's, or the axis (and mask)."""
+    mask = {} if config.perturb == "all" else {"mask": sam_flax.linen_normalization_mask()}
     if not configs.METHODS[config.method].perturbation_options:
-        return {"axis_name": axis_name}
+        return {"axis_name": axis_name, **mask}
     sync = config.sync_perturbation
     if config.sync_group is not None and axis_name is not None:
         sync = "sync"
     return {
         "norm": config.norm,
         "adaptive": config.adaptive,
+        "eta": config.eta,
         "axis_name": axis_name,
         "sync_perturbation": sync,
+        **mask,
     }
+
+
+def _check_perturbed_params(config: configs.Config, params: Any) -> None:
+    """``--perturb norm`` needs a model with normalization layers."""
+    if config.perturb == "norm" and not any(
+        jax.tree.leaves(sam_flax.linen_normalization_mask()(params))
+    ):
+        raise UsageError(
+            f"--perturb norm perturbs the normalization layers, and --model {config.model} "
+            "has none (cnn, resnet20, resnet32 and the wide ResNets have BatchNorm)."
+        )
 
 
 def make_optimizer(
@@ -98,7 +112,7 @@ def l2_penalty(params: Any) -> jax.Array:
     return 0.5 * sum(jnp.sum(jnp.square(w)) for w in jax.tree.leaves(params))
 
 
-def make_loss(model, normalize, config: configs.Config, num_classes: int):
+def make_loss(model, normalize, config: configs.Config, num_classes: int, per_example=False):
     """``loss(params, batch, batch_stats, rng) -> (objective, (new_batch_stats, metrics))``.
 
     The model's pass is :func:`sam_optax.flax.linen_loss_fn` (training mode:
@@ -107,13 +121,16 @@ def make_loss(model, normalize, config: configs.Config, num_classes: int):
     cross entropy, plus ``weight_decay * l2_penalty`` with ``l2_in_loss``;
     ``metrics`` holds the cross entropy (``loss``) and the accuracy of the
     pass. Augmentation and dropout draw from ``rng``, which the SAM step
-    passes unchanged to both passes.
+    passes unchanged to both passes. With ``per_example`` (ESAM) the objective
+    is the vector of per-example objectives (their mean is the loss).
     """
 
     def criterion(logits: jax.Array, y: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
         targets = optax.smooth_labels(jax.nn.one_hot(y, num_classes), config.label_smoothing)
-        xent = optax.softmax_cross_entropy(logits, targets).mean()
-        return xent, {"loss": xent, "accuracy": jnp.mean(jnp.argmax(logits, -1) == y)}
+        losses = optax.softmax_cross_entropy(logits, targets)
+        xent = losses.mean()
+        metrics = {"loss": xent, "accuracy": jnp.mean(jnp.argmax(logits, -1) == y)}
+        return (losses if per_example else xent), metrics
 
     forward = sam_flax.linen_loss_fn(model.apply, criterion, has_aux=True, train=True)
     decay = config.weight_decay if config.l2_in_loss else 0.0
@@ -258,13 +275,16 @@ def build_trainer(config: configs.Config, dataset: input_pipeline.Dataset | None
     replicas = n_devices // shape["model"]
     per_replica = config.batch_size // replicas
     group_size = config.m if config.m is not None and config.m < per_replica else None
+    per_example = config.rho > 0 and configs.METHODS[config.method].per_example
+    _check_perturbed_params(config, variables["params"])
     step = parallel.shard_map_step(
-        make_loss(model, normalize, config, dataset.num_classes),
+        make_loss(model, normalize, config, dataset.num_classes, per_example),
         tx,
         mesh,
         axis_name=axes,
         group_size=group_size,
         has_aux=True,
+        per_example=per_example,
         donate=True,
     )
     specs = param_specs(variables["params"], shape["model"])
