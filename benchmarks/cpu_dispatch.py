@@ -39,9 +39,9 @@ def build(kind: str, bounded: bool, mesh):
     try:
         if kind == "shard_map":
             tx = optax.chain(sam_optax.sam(0.05, axis_name="data"), optax.sgd(0.1, momentum=0.9))
-            return tx, parallel.shard_map_step(mlp_loss, tx, mesh)
+            return tx, parallel.shard_map_step(mlp_loss, tx, mesh, donate=False)
         tx = optax.chain(sam_optax.sam(0.05, axis_name="batch"), optax.sgd(0.1, momentum=0.9))
-        return tx, parallel.pmap_step(mlp_loss, tx)
+        return tx, parallel.pmap_step(mlp_loss, tx, donate=False)
     finally:
         parallel._bounds_steps_in_flight = saved
 

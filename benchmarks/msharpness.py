@@ -1,13 +1,17 @@
 """m-sharpness on one device: cost of one step with G groups against one plain SAM step.
 
-    python benchmarks/msharpness.py [--groups 8] [--repeats N]
+    python benchmarks/msharpness.py [--model cnn|mlp] [--groups 8] [--repeats N]
 
-The benchmark CNN, batch 128 split into G groups (default 8 groups of 16),
-each group perturbed with its own gradient, the group SAM gradients averaged,
-one SGD-momentum update. Strategies:
+The benchmark CNN (batch 128) or the program's MLP (64-256-256-10, batch
+64), the batch split into G groups (default 8), each group perturbed with its
+own gradient, the group SAM gradients averaged, one SGD-momentum update.
+Strategies:
 
-* ``grouped_step`` (the library): one unrolled pass over the groups, each
-  group differentiated against its own params copy (``GroupedObjective``);
+* ``grouped_step`` (the library): the groups one after the other into one
+  running sum (``GroupedObjective``): one group's buffers at a time;
+* ``all groups in one pass``: every group differentiated in one pass against
+  its own params copy (G gradients and G perturbed copies alive at once;
+  what the library did before);
 * ``vmap``: ``jax.vmap`` over the groups with ``sam(axis_name=...)``
   (the perturbed weights become batched, which convolutions pay for);
 * ``lax.map``: a sequential ``lax.map`` of per-group SAM gradients;
@@ -27,17 +31,25 @@ import sam_optax
 from sam_optax import parallel
 from sam_optax._groups import stack_groups
 
-from _common import BATCH
 from _common import cnn_loss
 from _common import init_cnn
+from _common import init_mlp
 from _common import interleaved_medians
 from _common import make_batch
+from _common import make_mlp_batch
+from _common import mlp_loss
+
+MODELS = {
+    "cnn": (init_cnn, make_batch, cnn_loss),
+    "mlp": (init_mlp, make_mlp_batch, mlp_loss),
+}
 
 LR, RHO = 0.1, 0.05
 
 
-def build(params, batch, groups):
-    m = BATCH // groups
+def build(params, batch, groups, loss):
+    size = len(batch[1])
+    m = size // groups
     base = optax.sgd(LR, momentum=0.9)
     single = sam_optax.sam(RHO)
 
@@ -49,24 +61,42 @@ def build(params, batch, groups):
         return optax.apply_updates(params, updates), state
 
     def group_sam_grad(params, b, tx):
-        f = lambda p: cnn_loss(p, b)  # noqa: E731
+        f = lambda p: loss(p, b)  # noqa: E731
         out, _ = tx.update(jax.grad(f)(params), tx.init(params), params, value_fn=f)
         return out
 
     steps = {}
 
     tx_plain = optax.chain(single, base)
-    plain = parallel.grouped_step(cnn_loss, tx_plain)
-    steps["plain SAM (1 group of 128)"] = (
+    plain = parallel.grouped_step(loss, tx_plain, donate=False)  # called on the same params
+    steps[f"plain SAM (1 group of {size})"] = (
         lambda p, s, b: plain(p, s, b)[:2],
         tx_plain.init(params),
     )
 
-    grouped = parallel.grouped_step(cnn_loss, tx_plain, group_size=m)
+    grouped = parallel.grouped_step(loss, tx_plain, group_size=m, donate=False)
     steps[f"grouped_step (library), {groups} x {m}"] = (
         lambda p, s, b: grouped(p, s, b)[:2],
         tx_plain.init(params),
     )
+
+    @jax.jit
+    def one_pass_step(params, state, batch):
+        parts = split(batch)
+        groups_ = [jax.tree.map(lambda x, i=i: x[i], parts) for i in range(groups)]
+
+        def objective(points):
+            return sum(loss(p, b) for p, b in zip(points, groups_)) / groups
+
+        clean = jax.grad(objective)((params,) * groups)
+        moved = []
+        for g in clean:
+            norm = optax.tree.norm(g)
+            moved.append(jax.tree.map(lambda w, x, n=norm: w + RHO * x / (n + 1e-12), params, g))
+        sam_grads = jax.grad(objective)(tuple(moved))
+        return finish(params, state, jax.tree.map(lambda *g: sum(g), *sam_grads))
+
+    steps[f"all groups in one pass, {groups} x {m}"] = (one_pass_step, base.init(params))
 
     axis_sam = sam_optax.sam(RHO, axis_name="groups")
 
@@ -101,16 +131,21 @@ def build(params, batch, groups):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=sorted(MODELS), default="cnn")
     parser.add_argument("--groups", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=20)
     args = parser.parse_args(argv)
-    params = init_cnn(jax.random.key(0))
-    batch = make_batch(jax.random.key(1))
-    steps = build(params, batch, args.groups)
+    init, make, loss = MODELS[args.model]
+    params = init(jax.random.key(0))
+    batch = make(jax.random.key(1))
+    steps = build(params, batch, args.groups, loss)
     fns = {n: (lambda f=f, s=s: f(params, s, batch)) for n, (f, s) in steps.items()}
     med = interleaved_medians(fns, args.repeats)
-    ref = med["plain SAM (1 group of 128)"]
-    print(f"device: {jax.devices()[0].device_kind}, batch {BATCH}, repeats: {args.repeats}")
+    ref = med[f"plain SAM (1 group of {len(batch[1])})"]
+    print(
+        f"device: {jax.devices()[0].device_kind}, {args.model}, batch {len(batch[1])}, "
+        f"repeats: {args.repeats}"
+    )
     print("| strategy | median ms | / plain SAM step |")
     print("|---|---:|---:|")
     for name in steps:

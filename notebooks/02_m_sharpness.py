@@ -85,7 +85,7 @@ with jax.enable_x64(True):
 
     mesh = jax.make_mesh((8,), ("data",))
     tx_dev = optax.chain(sam_optax.sam(0.1, axis_name="data"), optax.sgd(0.1))
-    step_dev = parallel.shard_map_step(loss, tx_dev, mesh)
+    step_dev = parallel.shard_map_step(loss, tx_dev, mesh, donate=False)  # params reused below
     on_devices, _, _ = step_dev(
         parallel.replicate(params, mesh),
         parallel.replicate(tx_dev.init(params), mesh),
@@ -93,10 +93,12 @@ with jax.enable_x64(True):
     )
 
     tx_one = optax.chain(sam_optax.sam(0.1), optax.sgd(0.1))
-    grouped, _, _ = parallel.grouped_step(loss, tx_one, group_size=8)(
+    grouped, _, _ = parallel.grouped_step(loss, tx_one, group_size=8, donate=False)(
         params, tx_one.init(params), batch
     )
-    synced, _, _ = parallel.grouped_step(loss, tx_one)(params, tx_one.init(params), batch)
+    synced, _, _ = parallel.grouped_step(loss, tx_one, donate=False)(
+        params, tx_one.init(params), batch
+    )
 
     def max_diff(a, b):
         return max(

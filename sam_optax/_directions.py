@@ -188,7 +188,7 @@ def mask_leaves(mask: Mask, params: Any) -> list[Any]:
     n = len(jax.tree.leaves(params))
     if mask is None:
         return [True] * n
-    if callable(mask):
+    if _is_function(mask):
         mask = mask(params)
     try:
         full = jax.tree.map(
@@ -214,6 +214,14 @@ def mask_leaves(mask: Mask, params: Any) -> list[Any]:
                 f"{type(m).__name__}."
             )
     return out
+
+
+def _is_function(mask: Any) -> bool:
+    """A mask that is a function of the params, not a pytree of bools.
+
+    An Equinox module is callable and a pytree: its leaves make it a mask.
+    """
+    return callable(mask) and jax.tree.leaves(mask) == [mask]
 
 
 def compute_dtype(*dtypes: Any) -> Any:

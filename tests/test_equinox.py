@@ -3,6 +3,7 @@
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 import sam_optax
@@ -58,3 +59,40 @@ def test_equinox_sam_step_is_the_hand_written_one():
     v = eqx.filter_grad(_loss)(eqx.combine(perturbed, static), x, y)
     expected = jax.tree.map(lambda w, d: w - lr * d, params, v)
     assert_trees_close(got, expected, rtol=1e-5, atol=1e-7)
+
+
+def test_sam_on_mask_perturbs_the_normalization_layers_only():
+    # The documented one-line mask: every leaf under a LayerNorm, nothing else.
+    import equinox as eqx
+
+    class Net(eqx.Module):
+        dense: eqx.nn.Linear
+        norm: eqx.nn.LayerNorm
+        head: eqx.nn.Linear
+
+        def __call__(self, x):
+            return self.head(self.norm(jax.nn.relu(self.dense(x))))
+
+    k1, k2 = jax.random.split(jax.random.key(0))
+    model = Net(eqx.nn.Linear(4, 8, key=k1), eqx.nn.LayerNorm(8), eqx.nn.Linear(8, 3, key=k2))
+    params = eqx.filter(model, eqx.is_inexact_array)
+    is_norm = lambda x: isinstance(x, (eqx.nn.LayerNorm, eqx.nn.BatchNorm))  # noqa: E731
+    mask = jax.tree.map(lambda x: jax.tree.map(lambda _: is_norm(x), x), params, is_leaf=is_norm)
+    assert jax.tree.leaves(mask.norm) == [True, True]
+    assert not any(jax.tree.leaves(mask.dense)) and not any(jax.tree.leaves(mask.head))
+    x = jax.random.normal(jax.random.key(1), (16, 4))
+    _, static = eqx.partition(model, eqx.is_inexact_array)
+
+    def loss(p):
+        return jnp.mean(jax.vmap(eqx.combine(p, static))(x) ** 2)
+
+    tx = sam_optax.sam(0.5, mask=mask)
+    g = jax.grad(loss)(params)
+    out, _ = tx.update(g, tx.init(params), params, value_fn=loss)
+    # Only the norm's params moved: the SAM gradient is the gradient at the
+    # point where the norm's scale and bias alone are perturbed.
+    eps = jax.tree.map(lambda gi, m: 0.5 * gi * m, g, mask)
+    n = jnp.sqrt(sum(jnp.sum(e**2) for e in jax.tree.leaves(eps))) / 0.5
+    moved = jax.tree.map(lambda w, e: w + e / n, params, eps)
+    for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(jax.grad(loss)(moved))):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=1e-6)

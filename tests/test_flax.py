@@ -544,3 +544,25 @@ def test_plain_train_state_apply_gradients_points_to_sam_train_state():
     )
     with pytest.raises(TypeError, match="SAMTrainState"):
         state.apply_gradients(grads={"w": jnp.ones(2)}, value_fn=lambda p: jnp.sum(p["w"]))
+
+
+def test_normalization_masks_select_the_norm_layers():
+    # SAM-ON: NNX by module type, Linen by the names Linen gives its layers.
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.dense = nnx.Linear(3, 4, rngs=rngs)
+            self.bn = nnx.BatchNorm(4, rngs=rngs)
+            self.head = nnx.Linear(4, 2, rngs=rngs)
+
+    model = Net(nnx.Rngs(0))
+    params = nnx.state(model, nnx.Param)
+    mask = sam_flax.nnx_normalization_mask(model)(params)
+    selected = {
+        jax.tree_util.keystr(p) for p, m in jax.tree_util.tree_leaves_with_path(mask) if m
+    }
+    assert len(selected) == 2 and all("bn" in p for p in selected), selected
+    net, state = _linen_state(optax.chain(sam_optax.sam(RHO), optax.sgd(LR)), dropout=0.0)
+    linen_mask = sam_flax.linen_normalization_mask()(state.params)
+    for path, m in jax.tree_util.tree_leaves_with_path(linen_mask):
+        assert m == ("BatchNorm" in jax.tree_util.keystr(path))
+    assert any(jax.tree.leaves(linen_mask))
