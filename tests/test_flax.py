@@ -557,11 +557,9 @@ def test_normalization_masks_select_the_norm_layers():
     model = Net(nnx.Rngs(0))
     params = nnx.state(model, nnx.Param)
     mask = sam_flax.nnx_normalization_mask(model)(params)
-    selected = {
-        jax.tree_util.keystr(p) for p, m in jax.tree_util.tree_leaves_with_path(mask) if m
-    }
+    selected = {jax.tree_util.keystr(p) for p, m in jax.tree_util.tree_leaves_with_path(mask) if m}
     assert len(selected) == 2 and all("bn" in p for p in selected), selected
-    net, state = _linen_state(optax.chain(sam_optax.sam(RHO), optax.sgd(LR)), dropout=0.0)
+    _, state = _linen_state(optax.chain(sam_optax.sam(RHO), optax.sgd(LR)), dropout=0.0)
     linen_mask = sam_flax.linen_normalization_mask()(state.params)
     for path, m in jax.tree_util.tree_leaves_with_path(linen_mask):
         assert m == ("BatchNorm" in jax.tree_util.keystr(path))

@@ -457,7 +457,7 @@ def test_per_example_losses_reach_esam_on_each_device():
     for d in range(8):
         shard = (jnp.asarray(x[8 * d : 8 * d + 8]), jnp.asarray(y[8 * d : 8 * d + 8]))
         f = lambda p, shard=shard: per_example(p, shard)  # noqa: E731
-        g = jax.grad(lambda p: jnp.mean(f(p)))(w)
+        g = jax.grad(lambda p, f=f: jnp.mean(f(p)))(w)
         updates.append(single.update(g, single.init(w), w, value_fn=f, value=f(w))[0])
     expected = jax.tree.map(lambda p, *u: p + sum(u) / 8, w, *updates)
     np.testing.assert_allclose(np.asarray(new_w["a"]), np.asarray(expected["a"]), rtol=1e-5)

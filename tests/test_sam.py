@@ -714,7 +714,7 @@ def test_bad_arguments_are_refused_at_construction(kwargs, match):
 
 def test_unknown_options_are_named_with_the_valid_ones():
     with pytest.raises(
-        TypeError, match="unknown option.*adaptiv\\b.*its options are norm, adaptive"
+        TypeError, match=r"unknown option.*adaptiv\b.*its options are norm, adaptive"
     ):
         sam_optax.sam(0.05, adaptiv=True)
 
@@ -737,5 +737,5 @@ def test_optax_masked_names_sams_own_mask_option():
 def test_a_missing_closure_names_the_wrappers_that_drop_it():
     params = {"w": jnp.ones(2)}
     tx = sam_optax.sam(0.05)
-    with pytest.raises(TypeError, match="SAMTrainState.*MultiSteps"):
+    with pytest.raises(TypeError, match=r"SAMTrainState.*MultiSteps"):
         tx.update(params, tx.init(params), params)
