@@ -81,7 +81,8 @@ class SAMOptions:
       mask: which leaves are perturbed: a pytree of bools (or of boolean
         arrays; a prefix of the params is fine) or a callable
         ``params -> mask``; the others are not perturbed and do not enter the
-        norm (SAM-ON: :func:`sam_optax.normalization_mask`).
+        norm (SAM-ON: :func:`sam_optax.flax.nnx_normalization_mask`,
+        :func:`sam_optax.flax.linen_normalization_mask`).
       axis_name: the mapped axis (or tuple of axes) of data parallelism; each
         device perturbs with its own gradient and the results are averaged.
       sync_perturbation: average the incoming gradients over ``axis_name``

@@ -1,7 +1,8 @@
-"""The paper's analysis tools (section 4 and appendix C).
+r"""The paper's analysis tools (section 4 and appendix C).
 
-* :func:`sharpness`, :func:`ascent_perturbation`: max_{|eps| <= rho} L(w + eps) - L(w)
-  by projected gradient ascent (C.6), reusing the core's ascent direction.
+* :func:`sharpness`, :func:`ascent_perturbation`:
+  :math:`\max_{\|\epsilon\| \le \rho} L(w + \epsilon) - L(w)` by projected
+  gradient ascent (C.6), reusing the core's ascent direction.
 * :func:`m_sharpness`: the mean sharpness over disjoint groups of m examples (4.1).
 * :func:`hessian_top_eigenvalues`, :func:`hessian_spectral_density`,
   :func:`lanczos`: the Hessian spectrum by Lanczos (4.2), lambda_max and
