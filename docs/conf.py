@@ -76,10 +76,37 @@ autodoc_typehints = "description"
 autodoc_typehints_description_target = "documented"
 autodoc_typehints_format = "short"
 autodoc_preserve_defaults = True
+# Kept as written, not expanded into the unions they stand for.
+autodoc_type_aliases = {
+    name: name
+    for name in (
+        "jax.typing.ArrayLike",
+        "optax.ScalarOrSchedule",
+        "optax.Schedule",
+        "optax.Params",
+        "optax.Updates",
+    )
+}
+
+
+def _alias_reads_as_its_name() -> None:
+    # Sphinx unwraps an alias only at the top of an annotation: inside
+    # `optax.ScalarOrSchedule | None` it would print the placeholder's repr.
+    from sphinx.util import inspect as sphinx_inspect
+
+    placeholder = getattr(sphinx_inspect, "TypeAliasForwardRef", None)
+    if placeholder is not None:
+        placeholder.__repr__ = lambda self: self.name
+
+
+_alias_reads_as_its_name()
 
 napoleon_google_docstring = True
 napoleon_numpy_docstring = False
 napoleon_use_rtype = False
+# An `Attributes:` entry says what the field holds; the class annotations would
+# add private paths (jax.Array is `jaxlib._jax.Array` at run time).
+napoleon_attr_annotations = False
 
 # Doctests of the docs pages (`sphinx-build -b doctest docs docs/_build/doctest`);
 # the docstrings' own examples run under `pytest --doctest-modules sam_optax`.
@@ -105,6 +132,9 @@ html_theme_options = {
     "show_toc_level": 2,
     "navigation_with_keys": False,
     "home_page_in_toc": True,
+    # pydata-sphinx-theme >= 0.16 puts a second search button in a top bar
+    # unless told not to; the sidebar has one.
+    "navbar_persistent": [],
 }
 html_static_path: list[str] = []
 html_show_sourcelink = False

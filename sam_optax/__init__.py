@@ -23,6 +23,7 @@ from sam_optax._switching import aesam
 from sam_optax._switching import rst
 from sam_optax._wsam import wsam
 
+#: The version of the package.
 __version__ = "0.2.0"
 
 __all__ = [

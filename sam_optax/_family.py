@@ -146,7 +146,7 @@ class SAMOptions:
 
     @property
     def sync_axes(self) -> tuple[Hashable, ...] | None:
-        """The axes the perturbation is shared over (``None``: each device its own)."""
+        """The axes the perturbation is shared over, or ``None`` for one per device."""
         return sync_axes(self.sync_perturbation, self.axes)
 
     @property
