@@ -51,7 +51,8 @@ extensions = [
 ]
 
 root_doc = "index"
-exclude_patterns = ["_build", "**.ipynb_checkpoints", "Thumbs.db", ".DS_Store"]
+# _generated: Markdown fragments pulled into pages by `{include}`, not pages themselves.
+exclude_patterns = ["_build", "_generated", "**.ipynb_checkpoints", "Thumbs.db", ".DS_Store"]
 templates_path = ["_templates"]
 
 # Every cross-reference must resolve. Without intersphinx (no network), names
