@@ -12,8 +12,10 @@ once here, is the whole opening of a step:
 * the step count and the PRNG key in one state, :class:`SAMState`, whose
   ``memory`` field holds what a method carries between steps;
 * the radius: a constant ``rho = 0`` (or nothing selected by the mask) is the
-  base step at trace time; a schedule is evaluated at the step count, and a
-  traced radius of 0 hands on the base step bit for bit;
+  base step at trace time; a schedule is evaluated at the step count;
+* m-sharpness groups (a :class:`GroupedObjective`): one at a time for
+  ``sam`` (:func:`grouped_sam`), every group's clean gradient first for the
+  others (:func:`materialize`);
 * the pieces a rule is made of: the SAM gradient (:func:`sam_gradient`), the
   average over the data-parallel axes (:func:`finish`), the base step
   (:func:`base_step`) and the :class:`Diagnostics` (:func:`measure`).

@@ -739,3 +739,33 @@ def test_a_missing_closure_names_the_wrappers_that_drop_it():
     tx = sam_optax.sam(0.05)
     with pytest.raises(TypeError, match=r"SAMTrainState.*MultiSteps"):
         tx.update(params, tx.init(params), params)
+
+
+@pytest.mark.parametrize("base", ["sgd", "nesterov", "adam"])
+def test_equals_optax_contrib_sam_in_opaque_mode(base):
+    # optax.contrib.sam with adv_optimizer = chain(normalize(), sgd(rho)) and
+    # sync_period = 2 takes the paper's step; without the eps of our norm the
+    # two agree to rounding (float64, several steps of an MLP).
+    with jax.enable_x64(True):
+        params, loss = _mlp_problem()
+        params = jax.tree.map(lambda x: x.astype(jnp.float64), params)
+        make = {
+            "sgd": lambda: optax.sgd(0.1),
+            "nesterov": lambda: optax.sgd(0.1, momentum=0.9, nesterov=True),
+            "adam": lambda: optax.adam(1e-2),
+        }[base]
+        ours = optax.chain(sam_optax.sam(0.05, eps=0.0), make())
+        theirs = optax.contrib.sam(
+            make(), optax.chain(optax.contrib.normalize(), optax.sgd(0.05)), sync_period=2,
+            opaque_mode=True,
+        )  # fmt: skip
+        a, sa = params, ours.init(params)
+        b, sb = params, theirs.init(params)
+        for _ in range(5):
+            u, sa = ours.update(jax.grad(loss)(a), sa, a, value_fn=loss)
+            a = optax.apply_updates(a, u)
+            grad_fn = lambda p, _: jax.grad(loss)(p)  # noqa: E731
+            v, sb = theirs.update(jax.grad(loss)(b), sb, b, grad_fn=grad_fn)
+            b = optax.apply_updates(b, v)
+        assert_trees_close(a, b, rtol=1e-10, atol=1e-12)
+        assert not np.allclose(flat(a), flat(params))
