@@ -156,6 +156,10 @@ def rows(model: str) -> dict[str, float]:
         out[f"grouped_step, {groups} groups of {BATCH // groups}"] = scratch(
             lambda p, s, b, step=step: step(p, s, b)[:2], params, tx.init(params), batch
         )
+    step = parallel.grouped_step(loss, tx, group_size=BATCH // 16, sequential=False)
+    out["grouped_step(sequential=False), 16 groups of 8"] = scratch(
+        lambda p, s, b: step(p, s, b)[:2], params, tx.init(params), batch
+    )
     return out
 
 

@@ -7,11 +7,12 @@ The benchmark CNN (batch 128) or the program's MLP (64-256-256-10, batch
 own gradient, the group SAM gradients averaged, one SGD-momentum update.
 Strategies:
 
-* ``grouped_step`` (the library): the groups one after the other into one
-  running sum (``GroupedObjective``): one group's buffers at a time;
-* ``all groups in one pass``: every group differentiated in one pass against
-  its own params copy (G gradients and G perturbed copies alive at once;
-  what the library did before);
+* ``grouped_step`` (the library, the default): the groups one after the
+  other into one running sum (``GroupedObjective``): one group's buffers at
+  a time;
+* ``grouped_step(sequential=False)``: every group differentiated in one pass
+  against its own params copy (G gradients and G perturbed copies alive at
+  once);
 * ``vmap``: ``jax.vmap`` over the groups with ``sam(axis_name=...)``
   (the perturbed weights become batched, which convolutions pay for);
 * ``lax.map``: a sequential ``lax.map`` of per-group SAM gradients;
@@ -80,23 +81,11 @@ def build(params, batch, groups, loss):
         tx_plain.init(params),
     )
 
-    @jax.jit
-    def one_pass_step(params, state, batch):
-        parts = split(batch)
-        groups_ = [jax.tree.map(lambda x, i=i: x[i], parts) for i in range(groups)]
-
-        def objective(points):
-            return sum(loss(p, b) for p, b in zip(points, groups_)) / groups
-
-        clean = jax.grad(objective)((params,) * groups)
-        moved = []
-        for g in clean:
-            norm = optax.tree.norm(g)
-            moved.append(jax.tree.map(lambda w, x, n=norm: w + RHO * x / (n + 1e-12), params, g))
-        sam_grads = jax.grad(objective)(tuple(moved))
-        return finish(params, state, jax.tree.map(lambda *g: sum(g), *sam_grads))
-
-    steps[f"all groups in one pass, {groups} x {m}"] = (one_pass_step, base.init(params))
+    one_pass = parallel.grouped_step(loss, tx_plain, group_size=m, sequential=False, donate=False)
+    steps[f"grouped_step(sequential=False), {groups} x {m}"] = (
+        lambda p, s, b: one_pass(p, s, b)[:2],
+        tx_plain.init(params),
+    )
 
     axis_sam = sam_optax.sam(RHO, axis_name="groups")
 

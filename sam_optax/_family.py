@@ -265,11 +265,17 @@ class GroupedObjective(NamedTuple):
       on_clean: called as ``on_clean(i, loss_i, aux_i)`` with each group's
         clean loss and aux, while the update is traced (how a step builder
         returns them), or ``None``.
+      sequential: ``sam`` takes the groups one after the other (the memory of
+        one group); ``False`` takes them all in one pass, each against its
+        own params copy: G params-sized buffers, but faster on small models
+        whose step is bound by the number of operations, not by memory
+        (``benchmarks/msharpness.py``).
     """
 
     value_fn: Callable[[int, Any], tuple[Any, Any]]
     n_groups: int
     on_clean: Callable[[int, jax.Array, Any], None] | None = None
+    sequential: bool = True
 
 
 class Diagnostics(NamedTuple):
@@ -736,7 +742,7 @@ def transformation(
             out, memory, diagnostics = (base or _keep_memory)(step, state.memory)
         else:
             step = step._replace(rho=rho(state.count) if callable(rho) else rho)
-            if call.groups is not None and grouped_rule is not None:
+            if call.groups is not None and call.groups.sequential and grouped_rule is not None:
                 out, memory, diagnostics = grouped_rule(step, state.memory)
             else:
                 if call.groups is not None:

@@ -115,6 +115,7 @@ def _device_step(
     tx: optax.GradientTransformation,
     has_aux: bool,
     per_example: bool,
+    sequential: bool,
     group_size: int | None,
     names: tuple[Hashable, ...],
     params: Any,
@@ -167,6 +168,7 @@ def _device_step(
             value_fn=group_loss,
             n_groups=n_groups,
             on_clean=lambda i, loss, aux: clean.setdefault(i, (loss, aux)),
+            sequential=sequential,
         )
         zeros = jax.tree.map(jnp.zeros_like, params)  # not read: tx takes the gradients
         updates, opt_state = tx.update(zeros, opt_state, params, grouped_objective=grouped)
@@ -197,6 +199,7 @@ def _build_step(
     group_size: int | None,
     axis_name: str | None,
     per_example: bool = False,
+    sequential: bool = True,
     n_devices: int,
     compile_body: Callable[[Callable[..., Any]], Callable[..., Any]],
     shape_batch: Callable[[Any], Any] = lambda batch: batch,
@@ -230,6 +233,7 @@ def _build_step(
             tx,
             has_aux,
             per_example,
+            sequential,
             group_size,
             names,
             params,
@@ -332,6 +336,7 @@ def shard_map_step(
     group_size: int | None = None,
     has_aux: bool = False,
     per_example: bool = False,
+    sequential: bool = True,
     donate: bool = True,
 ) -> Step:
     """A jitted data-parallel SAM step on ``jax.shard_map`` over ``mesh``.
@@ -368,6 +373,10 @@ def shard_map_step(
       per_example: ``loss_fn`` returns the per-example losses of the batch
         (a vector; the step descends their mean), for
         :func:`sam_optax.esam`; no ``group_size`` then.
+      sequential: with ``group_size``, ``sam`` takes the groups one after the
+        other (one group's memory, whatever their number); ``False`` takes
+        them in one pass (one params-sized buffer per group; faster on small
+        models, see :class:`sam_optax.GroupedObjective`).
       donate: donate the params and optimizer state passed in to the step
         (their buffers hold the results: a training loop that rebinds
         ``params, state, loss = step(params, state, batch)`` holds one copy);
@@ -430,6 +439,7 @@ def shard_map_step(
         axis_name=names if len(names) > 1 else names[0],
         n_devices=math.prod(mesh.shape[n] for n in names),
         per_example=per_example,
+        sequential=sequential,
         compile_body=compile_body,
         kind="shard_map",
         devices=mesh.devices,
@@ -453,6 +463,7 @@ def pmap_step(
     group_size: int | None = None,
     has_aux: bool = False,
     per_example: bool = False,
+    sequential: bool = True,
     devices: list[Any] | None = None,
     donate: bool = True,
 ) -> Step:
@@ -471,6 +482,7 @@ def pmap_step(
       has_aux: ``loss_fn`` returns ``(loss, aux)``.
       per_example: ``loss_fn`` returns per-example losses (ESAM; as in
         :func:`shard_map_step`).
+      sequential: the groups one after the other (as in :func:`shard_map_step`).
       devices: the devices to map over (default: all local devices).
       donate: donate the params and optimizer state passed in (as in
         :func:`shard_map_step`).
@@ -503,6 +515,7 @@ def pmap_step(
         axis_name=axis_name,
         n_devices=n_dev,
         per_example=per_example,
+        sequential=sequential,
         compile_body=compile_body,
         shape_batch=per_device,
         kind="pmap",
@@ -518,6 +531,7 @@ def grouped_step(
     group_size: int | None = None,
     has_aux: bool = False,
     per_example: bool = False,
+    sequential: bool = True,
     donate: bool = True,
 ) -> Step:
     """A jitted SAM step on one device, one perturbation per group of ``group_size`` examples.
@@ -536,6 +550,7 @@ def grouped_step(
       has_aux: ``loss_fn`` returns ``(loss, aux)``.
       per_example: ``loss_fn`` returns per-example losses (ESAM; as in
         :func:`shard_map_step`).
+      sequential: the groups one after the other (as in :func:`shard_map_step`).
       donate: donate the params and optimizer state passed in (as in
         :func:`shard_map_step`).
 
@@ -563,6 +578,7 @@ def grouped_step(
         axis_name=None,
         n_devices=1,
         per_example=per_example,
+        sequential=sequential,
         compile_body=lambda body: jax.jit(body, donate_argnums=(0, 1) if donate else ()),
         kind="one device",
         donate=donate,

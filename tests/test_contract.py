@@ -242,21 +242,19 @@ def test_each_device_perturbs_with_its_own_gradient(method):
         tx = method.tx(0.2, base, always=True, axis_name="d")
         sharded = _sharded_first_update(method, tx, problem.params, (x, y))
         single = method.tx(0.2, base, always=True)
-        updates = []
-        for d in range(8):
-            shard = (x[4 * d : 4 * d + 4], y[4 * d : 4 * d + 4])
 
-            def per(p, shard=shard):
+        @jax.jit
+        def single_update(shard):
+            def per(p):
                 return problem.per_example(p, shard)
 
             (_, losses), grads = jax.value_and_grad(
-                lambda p, per=per: (jnp.mean(per(p)), per(p)), has_aux=True
+                lambda p: (jnp.mean(per(p)), per(p)), has_aux=True
             )(problem.params)
-            updates.append(
-                method.update(
-                    single, grads, single.init(problem.params), problem.params, per, losses
-                )[0]
-            )
+            state = single.init(problem.params)
+            return method.update(single, grads, state, problem.params, per, losses)[0]
+
+        updates = [single_update((x[4 * d : 4 * d + 4], y[4 * d : 4 * d + 4])) for d in range(8)]
         mean = jax.tree.map(lambda *u: sum(u) / 8, *updates)
         assert_trees_close(sharded, mean, rtol=1e-9, atol=1e-12)
         if method.accepts("sync_perturbation"):
