@@ -50,6 +50,8 @@ import jax.numpy as jnp
 import matplotlib.pyplot as plt
 import numpy as np
 import optax
+from IPython.display import Markdown
+from IPython.display import display
 
 import sam_optax
 from sam_optax.program import compare
@@ -97,22 +99,25 @@ if FAST:  # the tests' shrunk run
     methods, seeds, base = ["sam", "looksam", "msam"], [0], base.replace(epochs=3)
 out = Path(tempfile.mkdtemp(prefix="efficient-"))
 results = compare.compare(base, [0.0, base.rho], seeds, out, methods=methods)
-print(results["markdown"])
+display(Markdown(results["markdown"]))
 
 # %%
-fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
-for row in results["table"]:
+fig, axes = plt.subplots(1, 2, figsize=(12, 4.2), sharey=True)
+markers = "os^vD<>pP*hX"
+for i, row in enumerate(results["table"]):
     ci = 0.0 if np.isnan(row["ci95"]) else 100 * row["ci95"]
     for ax, x in zip(axes, (row["cost_vs_sgd"], row["gradients_per_step"])):
-        ax.errorbar(x, 100 * row["mean"], yerr=ci, fmt="o", capsize=3)
-        ax.annotate(
-            row["method"], (x, 100 * row["mean"]), xytext=(5, 4), textcoords="offset points"
-        )
+        ax.errorbar(
+            x, 100 * row["mean"], yerr=ci, fmt=markers[i % len(markers)], capsize=3,
+            color=f"C{i}", label=row["method"],
+        )  # fmt: skip
 axes[0].set(xlabel="epoch wall time / SGD's (measured in this run)", ylabel="test accuracy (%)")
 axes[1].set(xlabel="gradient evaluations per step")
 for ax in axes:
     ax.grid(alpha=0.3)
+axes[1].legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=9)
 fig.suptitle("Accuracy against cost, digits with 40% label noise")
+plt.tight_layout()
 plt.show()
 
 # %% [markdown]

@@ -131,6 +131,7 @@ def _x64():
 
 @pytest.mark.parametrize("adaptive, nesterov", [(False, False), (True, False), (True, True)])
 def test_gsam_is_the_authors_pytorch_code(adaptive, nesterov):
+    """juntang-zhuang/GSAM @ a770275 (gsam/gsam.py, example/train.py): references/gsam.py."""
     lrs = ref_fsam.cosine_lrs(STEPS, lr=0.1, total_steps=STEPS + 2)
     rho, alpha, wd = 0.3 if not adaptive else 1.0, 0.4, 5e-4
     want = ref_gsam.trajectory(
@@ -147,6 +148,7 @@ def test_gsam_is_the_authors_pytorch_code(adaptive, nesterov):
 
 
 def test_gsam_is_big_visions_jax_code():
+    """google-research/big_vision @ 0127fb6 (big_vision/trainers/proj/gsam/): references/gsam.py."""
     lr, rho_max, rho_min, alpha, wd = 0.05, 0.6, 0.1, 0.6, 1e-3
     lr_min = 0.01 * lr
 
@@ -181,6 +183,7 @@ def test_gsam_is_big_visions_jax_code():
 
 @pytest.mark.parametrize("k", [1, 3])
 def test_looksam_is_the_reference_code(k):
+    """MarlonBecker/MSAM @ 780fa4f (optimizer/looksam.py): references/looksam.py."""
     rho, alpha, wd = 0.3, 0.2, 1e-2
     want = ref_looksam.trajectory(
         _params0(), _batches(), _numpy_loss_and_grad,
@@ -196,6 +199,7 @@ def test_looksam_is_the_reference_code(k):
 
 @pytest.mark.parametrize("base", ["sgd", "adamw"])
 def test_fsam_is_the_authors_code(base):
+    """nblt/F-SAM @ 2e2f989 (utils.py FriendlySAM, train.py): references/fsam.py."""
     lrs = ref_fsam.cosine_lrs(STEPS, lr=0.05, total_steps=STEPS + 2)
     rho, sigma, lmbda, wd = 0.2, 1.0, 0.6, 1e-3
     want = ref_fsam.trajectory(
@@ -239,6 +243,7 @@ def decay_after_the_step(lr: float, weight_decay: float) -> optax.GradientTransf
 
 @pytest.mark.parametrize("wd, max_norm", [(0.0, None), (5e-3, None), (5e-3, 0.3)])
 def test_msam_is_the_authors_sgd_msam(wd, max_norm):
+    """MarlonBecker/MSAM @ 780fa4f (optimizer/msam.py, main.py): references/msam.py."""
     rho, lr = 3.0, 0.1
     want = ref_msam.trajectory_sgd(
         _params0(), _batches(), _numpy_loss_and_grad,
@@ -255,6 +260,7 @@ def test_msam_is_the_authors_sgd_msam(wd, max_norm):
 
 @pytest.mark.parametrize("wd, max_norm", [(0.0, None), (0.1, None), (0.1, 0.3)])
 def test_msam_is_the_authors_adamw_msam(wd, max_norm):
+    """MarlonBecker/MSAM @ 780fa4f (optimizer/adamW_msam.py, main.py): references/msam.py."""
     rho, lr = 1.0, 0.05
     want = ref_msam.trajectory_adamw(
         _params0(), _batches(), _numpy_loss_and_grad,
@@ -279,6 +285,7 @@ def test_msam_is_the_authors_adamw_msam(wd, max_norm):
     "beta, gamma, adaptive", [(1.0, 1.0, False), (0.5, 0.5, False), (0.6, 0.25, True)]
 )
 def test_esam_is_the_authors_code(beta, gamma, adaptive):
+    """dydjw9/Efficient_SAM @ 1e06840 (utils/Esam.py, train.py): references/esam.py."""
     rho, wd, lr = 0.1, 1e-3, 0.05
     masks = []
 
@@ -310,6 +317,7 @@ def test_esam_is_the_authors_code(beta, gamma, adaptive):
 
 @pytest.mark.parametrize("base", ["sgd", "adamw"])
 def test_vasso_is_the_authors_code(base):
+    """BingcongLi/VaSSO @ 3524bad (solver/vasso.py, utils/engine.py): references/vasso.py."""
     rho, theta, wd = 0.2, 0.4, 1e-3
     lrs = ref_fsam.cosine_lrs(STEPS, lr=0.1, total_steps=STEPS + 2)
     want = ref_vasso.trajectory(
@@ -336,6 +344,7 @@ def test_vasso_is_the_authors_code(base):
     [(True, False, "sgd"), (False, False, "sgd"), (True, True, "sgd"), (True, False, "adamw")],
 )
 def test_wsam_is_the_authors_code(decouple, adaptive, base):
+    """intelligent-machine-learning/dlrover @ 4584843 (atorch/atorch/optimizers/wsam.py)."""
     rho, gamma, wd = 0.2, 0.9, 5e-4
     lrs = ref_fsam.cosine_lrs(STEPS, lr=0.05, total_steps=STEPS + 2)
     want = ref_wsam.trajectory(
@@ -356,6 +365,7 @@ def test_wsam_is_the_authors_code(decouple, adaptive, base):
 
 @pytest.mark.parametrize("minimizer", ["SAM_ON", "ASAM_ON"])
 def test_sam_on_is_the_authors_code(minimizer):
+    """mueller-mp/SAM-ON @ 8b8869a (sam_on.py SAM_ON, ASAM_ON): references/samon.py."""
     # The second layer stands in for a normalization layer: SAM-ON perturbs the
     # tensors its mask selects (both weight and bias) and nothing else.
     mask = [False, False, True, True]

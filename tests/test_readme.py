@@ -18,8 +18,10 @@ def test_readme_is_short_and_its_quickstart_runs(capsys):
     namespace: dict = {}
     exec(compile(block, "README:quickstart", "exec"), namespace)
     params, value = np.asarray(namespace["params"]), float(namespace["value"])
-    # sum((w - [1, 2])^2) + 0.1 sum(w^4) from 5.0 at w = 0, down to its flat minimum.
-    assert value < 0.5 and np.all(params > 0.5), (params, value)
+    # sum((w - [1, 2])^2) + 0.1 sum(w^4): from 5.0 at w = 0 to its minimum, where
+    # 2 (w - [1, 2]) + 0.4 w^3 = 0 (w = [0.87, 1.42], loss 0.82).
+    residual = 2 * (params - np.array([1.0, 2.0])) + 0.4 * params**3
+    assert value < 0.9 and np.all(np.abs(residual) < 0.05), (params, value)
     assert "sharpness" in text and np.isfinite(float(capsys.readouterr().out.split()[-1]))
 
 
