@@ -244,16 +244,23 @@ class Trainer:
         return parallel.shard_batch((x, y), self.mesh, self.data_axes)
 
 
+def training_labels(
+    config: configs.Config, dataset: input_pipeline.Dataset
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """The training labels, with ``config.label_noise`` of them flipped, and which were."""
+    if config.label_noise == 0:
+        return dataset.y_train, None
+    return input_pipeline.symmetric_label_noise(
+        dataset.y_train, config.label_noise, dataset.num_classes, config.seed
+    )
+
+
 def build_trainer(config: configs.Config, dataset: input_pipeline.Dataset | None = None) -> Trainer:
     """Everything a run of ``config`` needs, placed on the mesh of all devices."""
     n_devices = jax.device_count()
     configs.validate(config, n_devices)
     dataset = dataset or input_pipeline.load(config.dataset, config.data_dir)
-    y_train, flipped = dataset.y_train, None
-    if config.label_noise > 0:
-        y_train, flipped = input_pipeline.symmetric_label_noise(
-            dataset.y_train, config.label_noise, dataset.num_classes, config.seed
-        )
+    y_train, flipped = training_labels(config, dataset)
     steps_per_epoch = len(dataset.x_train) // config.batch_size
     if steps_per_epoch == 0:
         raise UsageError(
@@ -262,9 +269,7 @@ def build_trainer(config: configs.Config, dataset: input_pipeline.Dataset | None
         )
     shape = configs.mesh_shape(config, n_devices)
     mesh = jax.make_mesh(
-        tuple(shape.values()),
-        tuple(shape),
-        axis_types=(jax.sharding.AxisType.Auto,) * len(shape),
+        tuple(shape.values()), tuple(shape), axis_types=(jax.sharding.AxisType.Auto,) * len(shape)
     )
     axes = data_axes(shape)
     total_steps = steps_per_epoch * config.epochs
