@@ -27,6 +27,7 @@ from references import gsam as ref_gsam
 from references import looksam as ref_looksam
 from references import msam as ref_msam
 from references import samon as ref_samon
+from references import torch_optim as ref_torch_optim
 from references import vasso as ref_vasso
 from references import wsam as ref_wsam
 
@@ -118,6 +119,13 @@ def _per_step(values):
     return lambda count: table[count]
 
 
+def _torch_base(base, lrs, wd):
+    """torch.optim.SGD(momentum=0.9, weight_decay=wd) or AdamW(weight_decay=wd) as optax."""
+    if base == "sgd":
+        return optax.chain(optax.add_decayed_weights(wd), optax.sgd(_per_step(lrs), momentum=0.9))
+    return optax.adamw(_per_step(lrs), 0.9, 0.999, 1e-8, weight_decay=wd)
+
+
 @pytest.fixture(autouse=True)
 def _x64():
     with jax.enable_x64(True):
@@ -206,13 +214,7 @@ def test_fsam_is_the_authors_code(base):
         _params0(), _batches(), _numpy_loss_and_grad,
         lr=lrs, rho=rho, sigma=sigma, lmbda=lmbda, base=base, momentum=0.9, weight_decay=wd,
     )  # fmt: skip
-    if base == "sgd":
-        descent = optax.chain(
-            optax.add_decayed_weights(wd), optax.sgd(_per_step(lrs), momentum=0.9)
-        )
-    else:
-        descent = optax.adamw(_per_step(lrs), 0.9, 0.999, 1e-8, weight_decay=wd)
-    tx = optax.chain(sam_optax.fsam(rho, sigma, decay=lmbda), descent)
+    tx = optax.chain(sam_optax.fsam(rho, sigma, decay=lmbda), _torch_base(base, lrs, wd))
     _assert_same_trajectory(_run(tx, _batches(), _params0()), want)
 
 
@@ -324,13 +326,7 @@ def test_vasso_is_the_authors_code(base):
         _params0(), _batches(), _numpy_loss_and_grad,
         lr=lrs, rho=rho, theta=theta, base=base, momentum=0.9, weight_decay=wd,
     )  # fmt: skip
-    if base == "sgd":
-        descent = optax.chain(
-            optax.add_decayed_weights(wd), optax.sgd(_per_step(lrs), momentum=0.9)
-        )
-    else:
-        descent = optax.adamw(_per_step(lrs), 0.9, 0.999, 1e-8, weight_decay=wd)
-    tx = optax.chain(sam_optax.vasso(rho, theta, eps=1e-7), descent)
+    tx = optax.chain(sam_optax.vasso(rho, theta, eps=1e-7), _torch_base(base, lrs, wd))
     _assert_same_trajectory(_run(tx, _batches(), _params0()), want)
 
 
@@ -352,12 +348,8 @@ def test_wsam_is_the_authors_code(decouple, adaptive, base):
         lr=lrs, rho=rho, gamma=gamma, adaptive=adaptive, decouple=decouple,
         base=base, momentum=0.9, weight_decay=wd,
     )  # fmt: skip
-    if base == "sgd":
-        inner = optax.chain(optax.add_decayed_weights(wd), optax.sgd(_per_step(lrs), momentum=0.9))
-    else:
-        inner = optax.adamw(_per_step(lrs), 0.9, 0.999, 1e-8, weight_decay=wd)
     tx = sam_optax.wsam(
-        inner, rho, gamma, learning_rate=_per_step(lrs) if decouple else None,
+        _torch_base(base, lrs, wd), rho, gamma, learning_rate=_per_step(lrs) if decouple else None,
         adaptive=adaptive, eta=0.0,
     )  # fmt: skip
     _assert_same_trajectory(_run(tx, _batches(), _params0()), want)
@@ -397,6 +389,7 @@ def test_the_references_are_not_the_library():
         ref_looksam,
         ref_msam,
         ref_samon,
+        ref_torch_optim,
         ref_vasso,
         ref_wsam,
     ):

@@ -50,6 +50,11 @@ Base optimizer supported: torch.optim.SGD (lr, momentum, dampening, weight_decay
 
 import numpy as np
 
+from references.torch_optim import at
+from references.torch_optim import global_norm
+from references.torch_optim import sgd_init
+from references.torch_optim import sgd_step
+
 PERTURB_EPS = 1e-7
 ALL_EXAMPLES_GAMMA = 0.99
 
@@ -65,10 +70,6 @@ def masks_from_uniforms(uniforms, beta, n_steps):
     for t in range(1, n_steps):
         masks.append([u <= beta for u in uniforms[t - 1]])
     return masks
-
-
-def global_norm(arrays):
-    return float(np.linalg.norm(np.array([np.linalg.norm(a) for a in arrays])))
 
 
 def swp_perturbation(params, grads, mask, rho, beta, adaptive):
@@ -101,18 +102,6 @@ def sds_index(sharpness, gamma):
     if index.size == 0:
         raise ValueError("no example has sharpness above the cutoff (the authors' mean is NaN)")
     return index
-
-
-def sgd_step(params, grads, bufs, lr, momentum, dampening, weight_decay, nesterov):
-    new_params, new_bufs = [], []
-    for w, g, buf in zip(params, grads, bufs):
-        d = g + weight_decay * w if weight_decay != 0 else g
-        if momentum != 0:
-            buf = d.copy() if buf is None else momentum * buf + (1 - dampening) * d
-            d = d + momentum * buf if nesterov else buf
-        new_params.append(w - lr * d)
-        new_bufs.append(buf)
-    return new_params, new_bufs
 
 
 def esam_step(params, batch, mask, hyper, loss_and_grad, per_example_losses):
@@ -151,17 +140,15 @@ def trajectory(
 ):
     """Params after each ESAM step; ``masks[t]`` = per-tensor keep flags of step t."""
     n_steps = len(batches)
-    lrs = [float(lr)] * n_steps if np.ndim(lr) == 0 else [float(v) for v in lr]
     if masks is None:
         masks = [[True] * len(params0)] * n_steps
     hyper = {"rho": rho, "beta": beta, "gamma": gamma, "adaptive": adaptive}
+    sgd = dict(momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov)
     params = [np.array(w, dtype=np.float64) for w in params0]
-    bufs = [None] * len(params)
+    bufs = sgd_init(params)
     out = []
     for t, batch in enumerate(batches):
         params, grads = esam_step(params, batch, masks[t], hyper, loss_and_grad, per_example_losses)
-        params, bufs = sgd_step(
-            params, grads, bufs, lrs[t], momentum, dampening, weight_decay, nesterov
-        )
+        params, bufs = sgd_step(params, grads, bufs, lr=at(lr, t), **sgd)
         out.append([w.copy() for w in params])
     return out

@@ -28,28 +28,19 @@ weight_decay (betas (0.9, 0.999), eps 1e-8). ``cosine_lrs`` gives their per-step
 lr_t = lr * 0.5 * (1 + cos(pi * t / total_steps)), total_steps = epochs * batches per epoch.
 """
 
-from collections.abc import Callable
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-Params = list[np.ndarray]
-LossAndGrad = Callable[[Params, Any], tuple[float, Params]]
+from references.torch_optim import LossAndGrad
+from references.torch_optim import Params
+from references.torch_optim import at
+from references.torch_optim import base_init
+from references.torch_optim import base_step
+from references.torch_optim import global_norm
 
 EPS = 1e-12
-
-
-def _at(value: float | Sequence[float], t: int) -> float:
-    """A hyperparameter at step t: a constant, or the t-th entry of a per-step sequence."""
-    if np.ndim(value) == 0:
-        return float(value)
-    return float(value[t])
-
-
-def stacked_norm(tensors: Params) -> float:
-    """torch's global norm: the 2-norm of the per-tensor 2-norms."""
-    return float(np.linalg.norm([np.linalg.norm(x) for x in tensors]))
 
 
 def cosine_lrs(n_steps: int, *, lr: float, total_steps: int) -> list[float]:
@@ -71,52 +62,10 @@ def friendly_direction(
 def perturbation(params: Params, direction: Params, rho: float, *, adaptive: bool) -> Params:
     """``first_step``'s second loop: e = (w^2 or 1) * d * rho / (||(|w| or 1) d|| + 1e-12)."""
     scaled = [np.abs(w) * d for w, d in zip(params, direction)] if adaptive else direction
-    scale = rho / (stacked_norm(scaled) + EPS)
+    scale = rho / (global_norm(scaled) + EPS)
     if adaptive:
         return [w**2 * d * scale for w, d in zip(params, direction)]
     return [1.0 * d * scale for d in direction]
-
-
-def sgd_step(
-    params: Params, grads: Params, state: dict[str, Any], *, lr: float, hyper: dict[str, Any]
-) -> Params:
-    """``torch.optim.SGD.step`` (dampening 0); momentum buffers in ``state``."""
-    momentum, weight_decay = hyper["momentum"], hyper["weight_decay"]
-    buffers = state.get("buf")
-    new_params, new_buffers = [], []
-    for i, (w, g) in enumerate(zip(params, grads)):
-        d = g + weight_decay * w if weight_decay != 0 else g
-        if momentum != 0:
-            buf = d.copy() if buffers is None else momentum * buffers[i] + d
-            new_buffers.append(buf)
-            d = d + momentum * buf if hyper["nesterov"] else buf
-        new_params.append(w - lr * d)
-    if momentum != 0:
-        state["buf"] = new_buffers
-    return new_params
-
-
-def adamw_step(
-    params: Params, grads: Params, state: dict[str, Any], *, lr: float, hyper: dict[str, Any]
-) -> Params:
-    """``torch.optim.AdamW.step`` (no amsgrad); moments and the step count in ``state``."""
-    b1, b2 = hyper["betas"]
-    eps, weight_decay = hyper["eps"], hyper["weight_decay"]
-    k = state.get("step", 0) + 1
-    first = state.get("m1", [np.zeros_like(w) for w in params])
-    second = state.get("m2", [np.zeros_like(w) for w in params])
-    step_size = lr / (1 - b1**k)
-    root = (1 - b2**k) ** 0.5
-    new_params, new_first, new_second = [], [], []
-    for w, g, m1, m2 in zip(params, grads, first, second):
-        w = w * (1 - lr * weight_decay) if weight_decay != 0 else w
-        m1 = m1 + (1 - b1) * (g - m1)
-        m2 = m2 * b2 + (1 - b2) * g * g
-        new_params.append(w - step_size * (m1 / (np.sqrt(m2) / root + eps)))
-        new_first.append(m1)
-        new_second.append(m2)
-    state.update(step=k, m1=new_first, m2=new_second)
-    return new_params
 
 
 def trajectory(
@@ -143,23 +92,17 @@ def trajectory(
     """
     if base not in ("sgd", "adamw"):
         raise ValueError(f"base must be 'sgd' or 'adamw', got {base!r}")
-    step_fn = sgd_step if base == "sgd" else adamw_step
-    hyper = {
-        "momentum": momentum,
-        "weight_decay": weight_decay,
-        "nesterov": nesterov,
-        "betas": betas,
-        "eps": eps,
-    }
+    hyper = dict(momentum=momentum, weight_decay=weight_decay, nesterov=nesterov)
+    hyper.update(betas=betas, eps=eps)
     params = [np.array(w, dtype=np.float64) for w in params0]
     average = None
-    state: dict[str, Any] = {}
+    state = base_init(base, params)
     out = []
     for t, batch in enumerate(batches):
         _, grads = loss_and_grad(params, batch)
         direction, average = friendly_direction(grads, average, sigma=sigma, lmbda=lmbda)
-        e = perturbation(params, direction, _at(rho, t), adaptive=adaptive)
+        e = perturbation(params, direction, at(rho, t), adaptive=adaptive)
         _, perturbed = loss_and_grad([w + x for w, x in zip(params, e)], batch)
-        params = step_fn(params, perturbed, state, lr=_at(lr, t), hyper=hyper)
+        params, state = base_step(base, params, perturbed, state, lr=at(lr, t), **hyper)
         out.append([w.copy() for w in params])
     return out

@@ -47,23 +47,16 @@ from typing import Any
 
 import numpy as np
 
-Params = list[np.ndarray]
-LossAndGrad = Callable[[Params, Any], tuple[float, Params]]
+from references.torch_optim import LossAndGrad
+from references.torch_optim import Params
+from references.torch_optim import at
+from references.torch_optim import global_norm
+from references.torch_optim import sgd_init
+from references.torch_optim import sgd_step
+
 Schedule = Callable[[int], Any]
 
 PERTURB_EPS = 1e-12
-
-
-def _at(value: float | Sequence[float], t: int) -> float:
-    """A hyperparameter at step t: a constant, or the t-th entry of a per-step sequence."""
-    if np.ndim(value) == 0:
-        return float(value)
-    return float(value[t])
-
-
-def stacked_norm(tensors: Params) -> float:
-    """torch's global norm: the 2-norm of the per-tensor 2-norms."""
-    return float(np.linalg.norm([np.linalg.norm(x) for x in tensors]))
 
 
 def sum_norm(tensors: Params) -> float:
@@ -74,28 +67,6 @@ def sum_norm(tensors: Params) -> float:
 # --------------------------------------------------------------------------
 # The PyTorch class and its example script.
 # --------------------------------------------------------------------------
-
-
-def sgd_step(
-    params: Params,
-    grads: Params,
-    buffers: list[np.ndarray] | None,
-    *,
-    lr: float,
-    momentum: float,
-    weight_decay: float,
-    nesterov: bool,
-) -> tuple[Params, list[np.ndarray] | None]:
-    """``torch.optim.SGD.step`` (dampening 0): returns the new params and momentum buffers."""
-    new_params, new_buffers = [], []
-    for i, (w, g) in enumerate(zip(params, grads)):
-        d = g + weight_decay * w if weight_decay != 0 else g
-        if momentum != 0:
-            buf = d.copy() if buffers is None else momentum * buffers[i] + d
-            new_buffers.append(buf)
-            d = d + momentum * buf if nesterov else buf
-        new_params.append(w - lr * d)
-    return new_params, (new_buffers if momentum != 0 else None)
 
 
 def scheduler_values(
@@ -179,7 +150,7 @@ def perturbation(
 ) -> Params:
     """``perturb_weights``: e = g * rho / (||T g|| + eps) * T^2, with T = |w| (adaptive) or 1."""
     scaled = [np.abs(w) * g for w, g in zip(params, grads)] if adaptive else grads
-    scale = rho / (stacked_norm(scaled) + eps)
+    scale = rho / (global_norm(scaled) + eps)
     out = []
     for w, g in zip(params, grads):
         e = g * scale
@@ -192,8 +163,8 @@ def decompose(clean: Params, perturbed: Params, alpha: float, eps: float = PERTU
     inner = 0.0
     for g, s in zip(clean, perturbed):
         inner += np.sum(g * s)
-    new_norm = stacked_norm(perturbed)
-    old_norm = stacked_norm(clean)
+    new_norm = global_norm(perturbed)
+    old_norm = global_norm(clean)
     cosine = inner / (new_norm * old_norm + eps)
     out = []
     for g, s in zip(clean, perturbed):
@@ -222,24 +193,17 @@ def trajectory(
     ones their example produces). Only SGD is supported as the base optimizer.
     """
     params = [np.array(w, dtype=np.float64) for w in params0]
-    buffers = None
+    sgd = dict(momentum=momentum, weight_decay=weight_decay, nesterov=nesterov)
+    buffers = sgd_init(params)
     out = []
     for t, batch in enumerate(batches):
         _, grads = loss_and_grad(params, batch)
-        e = perturbation(params, grads, _at(rho, t), adaptive=adaptive, eps=perturb_eps)
+        e = perturbation(params, grads, at(rho, t), adaptive=adaptive, eps=perturb_eps)
         moved = [w + x for w, x in zip(params, e)]
         _, perturbed = loss_and_grad(moved, batch)
         direction = decompose(grads, perturbed, alpha, perturb_eps)
         params = [w - x for w, x in zip(moved, e)]
-        params, buffers = sgd_step(
-            params,
-            direction,
-            buffers,
-            lr=_at(lr, t),
-            momentum=momentum,
-            weight_decay=weight_decay,
-            nesterov=nesterov,
-        )
+        params, buffers = sgd_step(params, direction, buffers, lr=at(lr, t), **sgd)
         out.append([w.copy() for w in params])
     return out
 

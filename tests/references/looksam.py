@@ -30,61 +30,26 @@ Under DistributedDataParallel every backward averages the gradients over the wor
 and gs (hence e and v) are the global-batch ones.
 """
 
-from collections.abc import Callable
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-Params = list[np.ndarray]
-LossAndGrad = Callable[[Params, Any], tuple[float, Params]]
+from references.torch_optim import LossAndGrad
+from references.torch_optim import Params
+from references.torch_optim import at
+from references.torch_optim import global_norm
+from references.torch_optim import inner
+from references.torch_optim import sgd_step
 
 EPS = 1e-12
 
 
-def _at(value: float | Sequence[float], t: int) -> float:
-    """A hyperparameter at step t: a constant, or the t-th entry of a per-step sequence."""
-    if np.ndim(value) == 0:
-        return float(value)
-    return float(value[t])
-
-
-def stacked_norm(tensors: Params) -> float:
-    """torch's global norm: the 2-norm of the per-tensor 2-norms."""
-    return float(np.linalg.norm([np.linalg.norm(x) for x in tensors]))
-
-
-def _inner(a: Params, b: Params) -> float:
-    return float(np.sum([np.sum(x * y) for x, y in zip(a, b)]))
-
-
-def sgd_step(
-    params: Params,
-    grads: Params,
-    buffers: Params,
-    *,
-    lr: float,
-    momentum: float,
-    weight_decay: float,
-    nesterov: bool,
-) -> tuple[Params, Params]:
-    """Their ``sgd`` with buffers that start at zeros; returns the new params and buffers."""
-    new_params, new_buffers = [], []
-    for w, g, buf in zip(params, grads, buffers):
-        d = g + weight_decay * w if weight_decay != 0 else g
-        if momentum != 0:
-            buf = momentum * buf + d
-            d = d + momentum * buf if nesterov else buf
-        new_params.append(w - lr * d)
-        new_buffers.append(buf)
-    return new_params, new_buffers
-
-
 def orthogonal_unit(perturbed: Params, clean: Params) -> Params:
     """``move_back``: the unit component of gs orthogonal to g (eps in the projection only)."""
-    coef = _inner(perturbed, clean) / (stacked_norm(clean) ** 2 + EPS)
+    coef = inner(perturbed, clean) / (global_norm(clean) ** 2 + EPS)
     v = [s - coef * g for s, g in zip(perturbed, clean)]
-    norm = stacked_norm(v)
+    norm = global_norm(v)
     return [x / norm for x in v]
 
 
@@ -103,7 +68,9 @@ def trajectory(
 ) -> list[Params]:
     """The params after each ``LookSAM.step``; ``lr`` and ``rho`` constants or per-step sequences."""
     params = [np.array(w, dtype=np.float64) for w in params0]
+    # Their buffers start at zeros (not torch's None): the first one is momentum * 0 + d = d.
     buffers = [np.zeros_like(w) for w in params]
+    sgd = dict(momentum=momentum, weight_decay=weight_decay, nesterov=nesterov)
     unit = None
     counter = k
     out = []
@@ -111,24 +78,16 @@ def trajectory(
         _, grads = loss_and_grad(params, batch)
         if counter == k:
             counter = 0
-            scale = _at(rho, t) / (stacked_norm(grads) + EPS)
+            scale = at(rho, t) / (global_norm(grads) + EPS)
             e = [g * scale for g in grads]
             moved = [w + x for w, x in zip(params, e)]
             _, direction = loss_and_grad(moved, batch)
             params = [w - x for w, x in zip(moved, e)]
             unit = orthogonal_unit(direction, grads)
         else:
-            step = alpha * stacked_norm(grads)
+            step = alpha * global_norm(grads)
             direction = [g + step * u for g, u in zip(grads, unit)]
-        params, buffers = sgd_step(
-            params,
-            direction,
-            buffers,
-            lr=_at(lr, t),
-            momentum=momentum,
-            weight_decay=weight_decay,
-            nesterov=nesterov,
-        )
+        params, buffers = sgd_step(params, direction, buffers, lr=at(lr, t), **sgd)
         counter += 1
         out.append([w.copy() for w in params])
     return out

@@ -39,37 +39,24 @@ step). Each trajectory returns, per step, the weights ``x`` after the descent (w
 (``x`` shifted to the next gradient point) instead.
 """
 
-from collections.abc import Callable
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-Params = list[np.ndarray]
-LossAndGrad = Callable[[Params, Any], tuple[float, Params]]
+from references.torch_optim import LossAndGrad
+from references.torch_optim import Params
+from references.torch_optim import at
+from references.torch_optim import clip_grad_norm
+from references.torch_optim import global_norm
 
 NORM_EPS = 1e-12
-CLIP_EPS = 1e-6
-
-
-def _at(value: float | Sequence[float], t: int) -> float:
-    """A hyperparameter at step t: a constant, or the t-th entry of a per-step schedule."""
-    if np.ndim(value) == 0:
-        return float(value)
-    return float(value[t])
-
-
-def global_norm(tensors: Params) -> float:
-    """The 2-norm of the per-tensor 2-norms (torch's stacked norm)."""
-    return float(np.linalg.norm([np.linalg.norm(x) for x in tensors]))
 
 
 def clip_like_torch(grads: Params, max_norm: float | None) -> Params:
-    """``torch.nn.utils.clip_grad_norm_``: scale by min(1, max_norm / (norm + 1e-6))."""
-    if not max_norm:
-        return grads
-    factor = min(max_norm / (global_norm(grads) + CLIP_EPS), 1.0)
-    return [g * factor for g in grads]
+    """Their ``main.py``: ``clip_grad_norm_`` only when ``grad_clip_norm != 0`` (None: never)."""
+    grads = [np.asarray(g, np.float64) for g in grads]
+    return clip_grad_norm(grads, max_norm) if max_norm else grads
 
 
 def _shift(params: Params, direction: Params, alpha: float) -> Params:
@@ -106,9 +93,9 @@ def trajectory_sgd(
     out = []
     for t, batch in enumerate(batches):
         _, grads = loss_and_grad(weights, batch)
-        grads = clip_like_torch([np.asarray(g, np.float64) for g in grads], max_norm)
+        grads = clip_like_torch(grads, max_norm)
         x, weights, buf, inv = _sgd_msam_step(
-            weights, buf, inv, grads, _at(lr, t), _at(rho, t), momentum, weight_decay
+            weights, buf, inv, grads, at(lr, t), at(rho, t), momentum, weight_decay
         )
         out.append(weights if held else x)
     return out
@@ -149,7 +136,7 @@ def trajectory_adamw(
     out = []
     for t, batch in enumerate(batches):
         _, grads = loss_and_grad(weights, batch)
-        grads = clip_like_torch([np.asarray(g, np.float64) for g in grads], max_norm)
+        grads = clip_like_torch(grads, max_norm)
         x, weights, m, v, factor = _adamw_msam_step(
             weights,
             m,
@@ -157,8 +144,8 @@ def trajectory_adamw(
             factor,
             grads,
             t + 1,
-            _at(lr, t),
-            _at(rho, t),
+            at(lr, t),
+            at(rho, t),
             (betas, eps, weight_decay),
         )
         out.append(weights if held else x)

@@ -30,14 +30,17 @@ no normalisation.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-Params = list[np.ndarray]
-LossAndGrad = Callable[[Params, Any], tuple[float, Params]]
+from references.torch_optim import LossAndGrad
+from references.torch_optim import Params
+from references.torch_optim import at
+from references.torch_optim import base_init
+from references.torch_optim import base_step
+from references.torch_optim import global_norm
 
 NORM_EPS = 1e-16
 
@@ -65,7 +68,7 @@ def weight_flags(names: Sequence[str]) -> list[bool]:
 
 def stacked_norm(tensors: Sequence[np.ndarray]) -> float:
     """2-norm of the per-tensor 2-norms, plus their 1e-16."""
-    return float(np.linalg.norm([np.linalg.norm(t.ravel()) for t in tensors])) + NORM_EPS
+    return global_norm(tensors) + NORM_EPS
 
 
 def sam_on_perturbation(grads: Params, mask: Sequence[bool], rho: float) -> Params:
@@ -97,53 +100,9 @@ def asam_on_perturbation(params, grads, mask, rho, eta, p, elementwise, layerwis
     return [h * factor if m else np.zeros_like(h) for h, m in zip(twice, mask)]
 
 
-def sgd_update(params, grads, state, lr, momentum, weight_decay):
-    """torch.optim.SGD.step without nesterov/dampening (their train.py)."""
-    new_params, new_state = [], []
-    for w, g, buf in zip(params, grads, state):
-        d = g + weight_decay * w if weight_decay != 0 else g
-        if momentum != 0:
-            buf = d.copy() if buf is None else momentum * buf + d
-            d = buf
-        new_params.append(w - lr * d)
-        new_state.append(buf)
-    return new_params, new_state
-
-
-def adamw_update(params, grads, state, lr, betas, eps, weight_decay):
-    """torch.optim.AdamW.step; state (t, m, v)."""
-    t, ms, vs = state
-    t += 1
-    b1, b2 = betas
-    bc1, bc2 = 1 - b1**t, 1 - b2**t
-    new_params, new_ms, new_vs = [], [], []
-    for w, g, m, v in zip(params, grads, ms, vs):
-        w = w * (1 - lr * weight_decay)
-        m = m + (1 - b1) * (g - m)
-        v = b2 * v + (1 - b2) * g * g
-        denom = np.sqrt(v) / np.sqrt(bc2) + eps
-        new_params.append(w - (lr / bc1) * (m / denom))
-        new_ms.append(m)
-        new_vs.append(v)
-    return new_params, (t, new_ms, new_vs)
-
-
-def init_base_state(base_minimizer: str, params: Params):
-    """Empty state of the base optimizer."""
-    if base_minimizer == "SGD":
-        return [None] * len(params)
-    if base_minimizer == "AdamW":
-        return (0, [np.zeros_like(w) for w in params], [np.zeros_like(w) for w in params])
-    raise ValueError(f"unsupported base optimizer {base_minimizer!r}")
-
-
-def base_update(base_minimizer: str, params, grads, state, lr, hyper: dict):
-    """One step of SGD or AdamW as their train.py builds them."""
-    if base_minimizer == "SGD":
-        return sgd_update(params, grads, state, lr, hyper["momentum"], hyper["weight_decay"])
-    return adamw_update(
-        params, grads, state, lr, hyper["betas"], hyper["eps"], hyper["weight_decay"]
-    )
+# Their train.py's base optimizers: SGD(lr, momentum, weight_decay) and AdamW(lr, weight_decay),
+# no nesterov, no dampening (torch's SGD and AdamW steps in torch_optim).
+BASE_NAMES = {"SGD": "sgd", "AdamW": "adamw"}
 
 
 def perturbation(params, grads, mask, ascent: dict) -> Params:
@@ -165,14 +124,17 @@ def perturbation(params, grads, mask, ascent: dict) -> Params:
 
 
 def samon_step(params, batch, loss_and_grad, mask, state, lr, ascent, sam, base, hyper):
-    """One iteration of their train loop (sam=False: a plain base step, as outside SAM epochs)."""
+    """One iteration of their train loop (sam=False: a plain base step, as outside SAM epochs).
+
+    ``base``: 'sgd' or 'adamw' (torch_optim's names).
+    """
     _, g0 = loss_and_grad(params, batch)
     if not sam:
-        return base_update(base, params, g0, state, lr, hyper)
+        return base_step(base, params, g0, state, lr=lr, **hyper)
     e = perturbation(params, g0, mask, ascent)
     perturbed = [w + d if m else w for w, d, m in zip(params, e, mask)]
     _, g1 = loss_and_grad(perturbed, batch)
-    return base_update(base, params, g1, state, lr, hyper)
+    return base_step(base, params, g1, state, lr=lr, **hyper)
 
 
 def trajectory(
@@ -203,19 +165,21 @@ def trajectory(
     (default: all True). ``lr``: a number or one per step. ``sam_active``: per step, False for a
     plain base step (their start_sam/end_sam epochs); default all True.
     """
+    if base_minimizer not in BASE_NAMES:
+        raise ValueError(f"unsupported base optimizer {base_minimizer!r}")
+    base = BASE_NAMES[base_minimizer]
     n = len(batches)
-    lrs = [lr] * n if np.isscalar(lr) else list(lr)
     active = [True] * n if sam_active is None else list(sam_active)
     flags = [True] * len(params0) if is_weight is None else list(is_weight)
     ascent = dict(minimizer=minimizer, rho=rho, eta=eta, p=p, elementwise=elementwise)
     ascent.update(layerwise=layerwise, normalize_bias=normalize_bias, is_weight=flags)
     hyper = dict(momentum=momentum, weight_decay=weight_decay, betas=betas, eps=eps)
     params = [np.asarray(w, dtype=np.float64).copy() for w in params0]
-    state = init_base_state(base_minimizer, params)
+    state = base_init(base, params)
     out = []
-    for batch, step_lr, sam in zip(batches, lrs, active):
+    for t, (batch, sam) in enumerate(zip(batches, active)):
         params, state = samon_step(
-            params, batch, loss_and_grad, mask, state, step_lr, ascent, sam, base_minimizer, hyper
+            params, batch, loss_and_grad, mask, state, at(lr, t), ascent, sam, base, hyper
         )
         out.append([w.copy() for w in params])
     return out

@@ -36,11 +36,13 @@ or a per-step sequence. Base optimizers supported: ``base="sgd"`` (torch.optim.S
 
 import numpy as np
 
+from references.torch_optim import at
+from references.torch_optim import base_init
+from references.torch_optim import base_step
+from references.torch_optim import global_norm
+
 PERTURB_EPS = 1e-7
-
-
-def global_norm(arrays):
-    return float(np.linalg.norm(np.array([np.linalg.norm(a) for a in arrays])))
+BASES = ("sgd", "adamw")
 
 
 def update_ema(ema, grads, theta):
@@ -52,42 +54,6 @@ def update_ema(ema, grads, theta):
 def ema_perturbation(ema, rho):
     scale = rho / (global_norm(ema) + PERTURB_EPS)
     return [m * scale for m in ema]
-
-
-def sgd_step(params, grads, state, lr, hyper):
-    momentum, dampening = hyper["momentum"], hyper["dampening"]
-    bufs = state.get("bufs", [None] * len(params))
-    new_params, new_bufs = [], []
-    for w, g, buf in zip(params, grads, bufs):
-        d = g + hyper["weight_decay"] * w if hyper["weight_decay"] != 0 else g
-        if momentum != 0:
-            buf = d.copy() if buf is None else momentum * buf + (1 - dampening) * d
-            d = d + momentum * buf if hyper["nesterov"] else buf
-        new_params.append(w - lr * d)
-        new_bufs.append(buf)
-    return new_params, {"bufs": new_bufs}
-
-
-def adamw_step(params, grads, state, lr, hyper):
-    b1, b2 = hyper["betas"]
-    count = state.get("count", 0) + 1
-    ms = state.get("m", [np.zeros_like(w) for w in params])
-    vs = state.get("v", [np.zeros_like(w) for w in params])
-    correction1 = 1 - b1**count
-    correction2_sqrt = np.sqrt(1 - b2**count)
-    new_params, new_ms, new_vs = [], [], []
-    for w, g, m, v in zip(params, grads, ms, vs):
-        w = w * (1 - lr * hyper["weight_decay"])
-        m = m + (1 - b1) * (g - m)
-        v = b2 * v + (1 - b2) * g * g
-        denom = np.sqrt(v) / correction2_sqrt + hyper["eps"]
-        new_params.append(w - (lr / correction1) * m / denom)
-        new_ms.append(m)
-        new_vs.append(v)
-    return new_params, {"count": count, "m": new_ms, "v": new_vs}
-
-
-BASE_STEPS = {"sgd": sgd_step, "adamw": adamw_step}
 
 
 def vasso_step(params, batch, ema, theta, rho, loss_and_grad):
@@ -118,22 +84,15 @@ def trajectory(
     eps=1e-8,
 ):
     """Params after each VaSSO step (base ``"sgd"`` or ``"adamw"``)."""
-    n_steps = len(batches)
-    lrs = [float(lr)] * n_steps if np.ndim(lr) == 0 else [float(v) for v in lr]
-    hyper = {
-        "momentum": momentum,
-        "dampening": dampening,
-        "weight_decay": weight_decay,
-        "nesterov": nesterov,
-        "betas": betas,
-        "eps": eps,
-    }
-    base_step = BASE_STEPS[base]
+    if base not in BASES:
+        raise ValueError(f"base must be 'sgd' or 'adamw', got {base!r}")
+    hyper = dict(momentum=momentum, dampening=dampening, weight_decay=weight_decay)
+    hyper.update(nesterov=nesterov, betas=betas, eps=eps)
     params = [np.array(w, dtype=np.float64) for w in params0]
-    ema, state = None, {}
+    ema, state = None, base_init(base, params)
     out = []
     for t, batch in enumerate(batches):
         params, grads, ema = vasso_step(params, batch, ema, theta, rho, loss_and_grad)
-        params, state = base_step(params, grads, state, lrs[t], hyper)
+        params, state = base_step(base, params, grads, state, lr=at(lr, t), **hyper)
         out.append([w.copy() for w in params])
     return out

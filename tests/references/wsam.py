@@ -32,27 +32,18 @@ max_norm None. ``lr`` is a number or one value per step (a scheduler's values).
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-Params = list[np.ndarray]
-LossAndGrad = Callable[[Params, Any], tuple[float, Params]]
-
-TORCH_CLIP_EPS = 1e-6
-
-
-def global_norm(tensors: Sequence[np.ndarray]) -> float:
-    """2-norm of the per-tensor 2-norms (torch.norm of the stacked norms)."""
-    return float(np.linalg.norm([np.linalg.norm(t.ravel()) for t in tensors]))
-
-
-def clip_by_global_norm(grads: Params, max_norm: float) -> Params:
-    """torch.nn.utils.clip_grad_norm_: scale by min(1, max_norm / (norm + 1e-6))."""
-    coef = min(max_norm / (global_norm(grads) + TORCH_CLIP_EPS), 1.0)
-    return [g * coef for g in grads]
+from references.torch_optim import LossAndGrad
+from references.torch_optim import Params
+from references.torch_optim import at
+from references.torch_optim import base_init
+from references.torch_optim import base_step
+from references.torch_optim import clip_grad_norm
+from references.torch_optim import global_norm
 
 
 def perturbation(params: Params, grads: Params, rho: float, sam_eps: float, adaptive: bool):
@@ -64,86 +55,24 @@ def perturbation(params: Params, grads: Params, rho: float, sam_eps: float, adap
     return [g * scale for g in grads]
 
 
-def sgd_update(params, grads, state, lr, momentum, dampening, nesterov, weight_decay):
-    """torch.optim.SGD.step (state: list of momentum buffers or None)."""
-    new_params, new_state = [], []
-    for w, g, buf in zip(params, grads, state):
-        d = g + weight_decay * w if weight_decay != 0 else g
-        if momentum != 0:
-            buf = d.copy() if buf is None else momentum * buf + (1 - dampening) * d
-            d = d + momentum * buf if nesterov else buf
-        new_params.append(w - lr * d)
-        new_state.append(buf)
-    return new_params, new_state
-
-
-def adam_update(params, grads, state, lr, betas, eps, weight_decay, decoupled):
-    """torch.optim.Adam (decoupled=False) / AdamW (decoupled=True) step; state (t, m, v)."""
-    t, ms, vs = state
-    t += 1
-    b1, b2 = betas
-    bc1, bc2 = 1 - b1**t, 1 - b2**t
-    new_params, new_ms, new_vs = [], [], []
-    for w, g, m, v in zip(params, grads, ms, vs):
-        if decoupled:
-            w = w * (1 - lr * weight_decay)
-        elif weight_decay != 0:
-            g = g + weight_decay * w
-        m = m + (1 - b1) * (g - m)
-        v = b2 * v + (1 - b2) * g * g
-        denom = np.sqrt(v) / np.sqrt(bc2) + eps
-        new_params.append(w - (lr / bc1) * (m / denom))
-        new_ms.append(m)
-        new_vs.append(v)
-    return new_params, (t, new_ms, new_vs)
-
-
-def init_base_state(base: str, params: Params):
-    """Empty state of the base optimizer."""
-    if base == "sgd":
-        return [None] * len(params)
-    if base in ("adam", "adamw"):
-        return (0, [np.zeros_like(w) for w in params], [np.zeros_like(w) for w in params])
-    raise ValueError(f"unsupported base optimizer {base!r}")
-
-
-def base_update(base: str, params, grads, state, lr, hyper: dict):
-    """One step of the base optimizer chosen by name."""
-    if base == "sgd":
-        return sgd_update(
-            params,
-            grads,
-            state,
-            lr,
-            hyper["momentum"],
-            hyper["dampening"],
-            hyper["nesterov"],
-            hyper["weight_decay"],
-        )
-    decoupled = base == "adamw"
-    return adam_update(
-        params, grads, state, lr, hyper["betas"], hyper["eps"], hyper["weight_decay"], decoupled
-    )
-
-
 def wsam_step(params, batch, loss_and_grad, base_state, lr, wsam: dict, base: str, hyper: dict):
-    """One call of WeightedSAM.step(closure): two gradients, one base step."""
+    """One call of WeightedSAM.step(closure): two gradients, one base step (torch_optim's)."""
     alpha = wsam["gamma"] / (1 - wsam["gamma"])
     max_norm = wsam["max_norm"]
     _, g0 = loss_and_grad(params, batch)
     e = perturbation(params, g0, wsam["rho"], wsam["sam_eps"], wsam["adaptive"])
     perturbed = [w + d for w, d in zip(params, e)]
     if max_norm is not None:
-        g0 = clip_by_global_norm(g0, max_norm)
+        g0 = clip_grad_norm(g0, max_norm)
     _, g1 = loss_and_grad(perturbed, batch)
     params = [w - d for w, d in zip(perturbed, e)]
     if max_norm is not None:
-        g1 = clip_by_global_norm(g1, max_norm)
+        g1 = clip_grad_norm(g1, max_norm)
     if not wsam["decouple"]:
         mixed = [alpha * b + (1 - alpha) * a for a, b in zip(g0, g1)]
-        return base_update(base, params, mixed, base_state, lr, hyper)
+        return base_step(base, params, mixed, base_state, lr=lr, **hyper)
     sharpness = [b - a for a, b in zip(g0, g1)]
-    params, base_state = base_update(base, params, g0, base_state, lr, hyper)
+    params, base_state = base_step(base, params, g0, base_state, lr=lr, **hyper)
     params = [w - lr * alpha * s for w, s in zip(params, sharpness)]
     return params, base_state
 
@@ -169,15 +98,14 @@ def trajectory(
     eps: float = 1e-8,
 ) -> list[Params]:
     """Params after each of ``len(batches)`` WeightedSAM steps (one batch per step)."""
-    lrs = [lr] * len(batches) if np.isscalar(lr) else list(lr)
     wsam = dict(rho=rho, gamma=gamma, sam_eps=sam_eps, adaptive=adaptive, decouple=decouple)
     wsam["max_norm"] = max_norm
     hyper = dict(momentum=momentum, dampening=dampening, nesterov=nesterov)
     hyper.update(weight_decay=weight_decay, betas=betas, eps=eps)
     params = [np.asarray(w, dtype=np.float64).copy() for w in params0]
-    state = init_base_state(base, params)
+    state = base_init(base, params)
     out = []
-    for batch, step_lr in zip(batches, lrs):
-        params, state = wsam_step(params, batch, loss_and_grad, state, step_lr, wsam, base, hyper)
+    for t, batch in enumerate(batches):
+        params, state = wsam_step(params, batch, loss_and_grad, state, at(lr, t), wsam, base, hyper)
         out.append([w.copy() for w in params])
     return out
