@@ -76,6 +76,19 @@ def init_mlp(key: jax.Array, sizes=(64, 256, 256, 10)) -> dict:
     }
 
 
+BIG_MLP = (512, 2048, 2048, 2048, 10)
+"""The memory benchmark's MLP: 9.5M float32 params, where params-sized buffers dominate."""
+
+
+def init_big_mlp(key: jax.Array) -> dict:
+    return init_mlp(key, BIG_MLP)
+
+
+def make_big_mlp_batch(key: jax.Array, batch: int = BATCH) -> tuple[jax.Array, jax.Array]:
+    kx, ky = jax.random.split(key)
+    return jax.random.normal(kx, (batch, BIG_MLP[0])), jax.random.randint(ky, (batch,), 0, 10)
+
+
 def mlp_loss(params: dict, batch: tuple[jax.Array, jax.Array]) -> jax.Array:
     x, y = batch
     layers = [params[f"dense{i}"] for i in range(len(params))]

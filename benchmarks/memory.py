@@ -24,14 +24,14 @@ import sam_optax
 from sam_optax import parallel
 
 from _common import cnn_apply
+from _common import init_big_mlp
 from _common import init_cnn
-from _common import init_mlp
 from _common import make_batch
+from _common import make_big_mlp_batch
 from _common import nbytes
 
 RHO, LR = 0.05, 0.1
 BATCH = 128
-BIG_MLP = (512, 2048, 2048, 2048, 10)
 
 
 def _mlp_logits(params, x):
@@ -43,12 +43,9 @@ def _mlp_logits(params, x):
 
 MODELS = {
     "mlp": (
-        lambda: init_mlp(jax.random.key(0), BIG_MLP),
+        lambda: init_big_mlp(jax.random.key(0)),
         _mlp_logits,
-        lambda: (
-            jax.random.normal(jax.random.key(1), (BATCH, BIG_MLP[0])),
-            jax.random.randint(jax.random.key(2), (BATCH,), 0, 10),
-        ),
+        lambda: make_big_mlp_batch(jax.random.key(1)),
     ),
     "cnn": (lambda: init_cnn(jax.random.key(0)), cnn_apply, lambda: make_batch(jax.random.key(1))),
 }

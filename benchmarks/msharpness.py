@@ -1,9 +1,9 @@
 """m-sharpness on one device: cost of one step with G groups against one plain SAM step.
 
-    python benchmarks/msharpness.py [--model cnn|mlp] [--groups 8] [--repeats N]
+    python benchmarks/msharpness.py [--model cnn|big-mlp|mlp] [--groups 8] [--repeats N]
 
-The benchmark CNN (batch 128) or the program's MLP (64-256-256-10, batch
-64), the batch split into G groups (default 8), each group perturbed with its
+The benchmark CNN (batch 128), the memory benchmark's MLP (512-2048-2048-2048-10,
+9.5M params, batch 128) or the program's MLP (64-256-256-10, batch 64), the batch split into G groups (default 8), each group perturbed with its
 own gradient, the group SAM gradients averaged, one SGD-momentum update.
 Strategies:
 
@@ -16,7 +16,11 @@ Strategies:
 * ``vmap``: ``jax.vmap`` over the groups with ``sam(axis_name=...)``
   (the perturbed weights become batched, which convolutions pay for);
 * ``lax.map``: a sequential ``lax.map`` of per-group SAM gradients;
-* ``python loop``: a Python loop calling ``sam`` once per group.
+* ``python loop``: a Python loop calling ``sam`` once per group;
+* the floor: one gradient of the whole batch, and G gradients of m examples.
+  A plain SAM step takes two of the first, m-sharpness two of the second
+  (each group's clean and perturbed gradient), so the ratio of the two floor
+  rows is what m-sharpness must cost on that model, whatever the strategy.
 
 Runs are interleaved and medians reported; read the ratios, not the times.
 """
@@ -33,15 +37,18 @@ from sam_optax import parallel
 from sam_optax._groups import stack_groups
 
 from _common import cnn_loss
+from _common import init_big_mlp
 from _common import init_cnn
 from _common import init_mlp
 from _common import interleaved_medians
 from _common import make_batch
+from _common import make_big_mlp_batch
 from _common import make_mlp_batch
 from _common import mlp_loss
 
 MODELS = {
     "cnn": (init_cnn, make_batch, cnn_loss),
+    "big-mlp": (init_big_mlp, make_big_mlp_batch, mlp_loss),
     "mlp": (init_mlp, make_mlp_batch, mlp_loss),
 }
 
@@ -115,6 +122,27 @@ def build(params, batch, groups, loss):
         return finish(params, state, jax.tree.map(lambda *g: sum(g) / groups, *outs))
 
     steps[f"python loop of sam, {groups} x {m}"] = (loop_step, base.init(params))
+
+    # What m-sharpness cannot go below: each group takes two gradients of m examples
+    # (its own clean one and its perturbed one), against two gradients of the batch.
+    whole = jax.jit(jax.grad(loss))
+    steps[f"floor: one gradient of {size} (half of plain SAM)"] = (
+        lambda p, s, b: whole(p, b),
+        None,
+    )
+
+    @jax.jit
+    def group_grads(params, batch):
+        parts = split(batch)
+        outs = [
+            jax.grad(loss)(params, jax.tree.map(lambda x, i=i: x[i], parts)) for i in range(groups)
+        ]
+        return jax.tree.map(lambda *g: sum(g), *outs)
+
+    steps[f"floor: {groups} gradients of {m} (half of m-sharpness)"] = (
+        lambda p, s, b: group_grads(p, b),
+        None,
+    )
     return steps
 
 

@@ -6,7 +6,8 @@ set -euo pipefail
 cd "$(dirname "$0")"
 python -c "import jax; print('devices:', jax.devices())"
 python step_time.py
-python msharpness.py
+python memory.py
+for model in cnn big-mlp mlp; do python msharpness.py --model "$model"; done
 python cpu_dispatch.py
 python efficient.py
 python hessian.py
