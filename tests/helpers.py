@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import socket
 import subprocess
+import threading
+import time
+from collections.abc import Callable
 
 import chex
 import jax
@@ -109,20 +112,61 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_all(procs: list[subprocess.Popen], timeout: float) -> list[str]:
-    """Waits for every process (killing the rest on a timeout); asserts each exited 0.
+def run_all(
+    procs: list[subprocess.Popen], timeout: float, until: Callable[[list[str]], bool] | None = None
+) -> tuple[list[str], list[int]]:
+    """Reads every process's output (text stdout piped) as it comes, until all end or ``timeout``.
 
-    Returns their combined stdout/stderr; a failure shows the failing one's.
+    A full pipe never blocks one process while another is waited for.
+    ``until(outputs)``, polled, ends the wait early when it returns True.
+    Every process still running then is killed (SIGKILL: a process under
+    ``jax.distributed`` takes SIGTERM for jax's preemption notifier and goes
+    on). Returns the outputs and the indices of the processes that were
+    still running.
     """
-    outputs = []
-    try:
-        for p in procs:
-            outputs.append(p.communicate(timeout=timeout)[0])
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.communicate()
-    for i, p in enumerate(procs):
-        assert p.returncode == 0, f"process {i} failed:\n{outputs[i] if i < len(outputs) else ''}"
+    chunks: list[list[str]] = [[] for _ in procs]
+    readers = [
+        threading.Thread(target=lambda p=p, out=out: out.extend(p.stdout), daemon=True)
+        for p, out in zip(procs, chunks)
+    ]
+    for r in readers:
+        r.start()
+    deadline = time.monotonic() + timeout
+    while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
+        if until is not None and until(["".join(c) for c in chunks]):
+            break
+        time.sleep(0.05)
+    running = [i for i, p in enumerate(procs) if p.poll() is None]
+    for i in running:
+        procs[i].kill()
+    for p in procs:
+        p.wait()
+    for r in readers:
+        r.join(timeout=10)
+    return ["".join(c) for c in chunks], running
+
+
+def describe(procs: list[subprocess.Popen], outputs: list[str], tail: int = 40) -> str:
+    """Every process's exit code and the last ``tail`` lines of its output."""
+    parts = []
+    for i, (p, out) in enumerate(zip(procs, outputs)):
+        lines = out.splitlines()[-tail:]
+        parts.append(f"--- process {i} (exit {p.returncode}), last {len(lines)} lines:")
+        parts.extend(lines)
+    return "\n".join(parts)
+
+
+def wait_all(procs: list[subprocess.Popen], timeout: float) -> list[str]:
+    """Waits for every process; asserts each ended in time with exit 0; returns their outputs.
+
+    A failure, a timeout included, shows every process's last lines.
+    """
+    outputs, running = run_all(procs, timeout)
+    if running:
+        raise AssertionError(
+            f"process(es) {running} still running after {timeout:g} s, all killed:\n"
+            + describe(procs, outputs)
+        )
+    failed = [i for i, p in enumerate(procs) if p.returncode != 0]
+    assert not failed, f"process(es) {failed} failed:\n" + describe(procs, outputs)
     return outputs

@@ -27,7 +27,12 @@ def test_readme_is_short_and_its_quickstart_runs(capsys):
 
 def test_readme_links_resolve():
     for target in re.findall(r"\]\(((?!https?://)[^)]+)\)", README.read_text()):
-        assert (ROOT / target).exists(), target
+        path, _, anchor = target.partition("#")
+        assert (ROOT / path).exists(), target
+        if anchor:  # a heading of that page, as GitHub and MyST slug it
+            headings = re.findall(r"^#+ (.+)$", (ROOT / path).read_text(), re.M)
+            slugs = {re.sub(r"[^\w\- ]", "", h.lower()).replace(" ", "-") for h in headings}
+            assert anchor in slugs, (target, sorted(slugs))
 
 
 def test_import_sam_optax_does_not_import_flax():

@@ -32,6 +32,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from sam_optax import _known_issues
 from sam_optax.program import configs
 from sam_optax.program.errors import DataError
 from sam_optax.program.errors import Interrupted
@@ -476,18 +477,21 @@ def _initialize_distributed(args: argparse.Namespace) -> None:
 
     if args.distributed:
         jax.distributed.initialize()
-        return
-    if any(v is None for v in explicit):
-        raise UsageError("--coordinator, --num-processes and --process-id go together.")
-    if not 0 <= args.process_id < args.num_processes:
-        raise UsageError(
-            f"--process-id must be in [0, {args.num_processes}), got {args.process_id}."
+    else:
+        if any(v is None for v in explicit):
+            raise UsageError("--coordinator, --num-processes and --process-id go together.")
+        if not 0 <= args.process_id < args.num_processes:
+            raise UsageError(
+                f"--process-id must be in [0, {args.num_processes}), got {args.process_id}."
+            )
+        jax.distributed.initialize(
+            coordinator_address=args.coordinator,
+            num_processes=args.num_processes,
+            process_id=args.process_id,
         )
-    jax.distributed.initialize(
-        coordinator_address=args.coordinator,
-        num_processes=args.num_processes,
-        process_id=args.process_id,
-    )
+    note = _known_issues.avoid_persistent_cache_hang()
+    if note:
+        print(f"sam-optax: note: {note}", file=sys.stderr, flush=True)
 
 
 @contextlib.contextmanager
