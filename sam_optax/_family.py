@@ -305,8 +305,31 @@ class Diagnostics(NamedTuple):
 
 
 def initial_diagnostics() -> Diagnostics:
-    nan = jnp.full([], jnp.nan, jnp.float32)
-    return Diagnostics(nan, nan, nan, nan, jnp.zeros([], jnp.bool_))
+    """NaN ("not measured yet"), each field its own array (a donated state never shares one)."""
+    nans = [jnp.full([], jnp.nan, jnp.float32) for _ in range(4)]
+    return Diagnostics(*nans, jnp.zeros([], jnp.bool_))
+
+
+def distinct_buffers(state: Any, params: Any = None) -> Any:
+    """``state`` with every array leaf its own buffer, none of them one of ``params``'.
+
+    XLA refuses to donate one buffer twice (``Attempt to donate the same
+    buffer twice``): a state in which one array sits in two leaves (or one of
+    the params' arrays, donated beside it) crashes a step that donates it.
+    Outside ``jit`` a repeated array (the same object) is copied; inside,
+    every output is a buffer of its own already and nothing is done.
+    """
+    seen = {id(x) for x in jax.tree.leaves(params)}
+
+    def own(x: Any) -> Any:
+        if not isinstance(x, jax.Array) or isinstance(x, jax.core.Tracer):
+            return x
+        if id(x) in seen:
+            return jnp.array(x, copy=True)
+        seen.add(id(x))
+        return x
+
+    return jax.tree.map(own, state)
 
 
 class SAMState(NamedTuple):
@@ -710,7 +733,8 @@ def transformation(
     def init_fn(params: optax.Params) -> SAMState:
         key = jax.random.key_data(jax.random.key(options.seed)) if keyed else None
         memory = None if init_memory is None else init_memory(params)
-        return SAMState(jnp.zeros([], jnp.int32), key, initial_diagnostics(), memory)
+        state = SAMState(jnp.zeros([], jnp.int32), key, initial_diagnostics(), memory)
+        return distinct_buffers(state, params)
 
     def update_fn(
         updates: optax.Updates,
@@ -749,7 +773,8 @@ def transformation(
                     step = materialize(step, keep_grads=True)
                 out, memory, diagnostics = rule(step, state.memory)
         next_key = None if key is None else jax.random.key_data(jax.random.split(key)[0])
-        return out, SAMState(optax.safe_increment(state.count), next_key, diagnostics, memory)
+        state = SAMState(optax.safe_increment(state.count), next_key, diagnostics, memory)
+        return out, distinct_buffers(state, params)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 

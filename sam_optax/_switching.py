@@ -129,8 +129,7 @@ def aesam(
 
     def init_memory(params: Any) -> AESAMMemory:
         del params
-        zero = jnp.zeros([], jnp.float32)
-        return AESAMMemory(zero, zero)
+        return AESAMMemory(jnp.zeros([], jnp.float32), jnp.zeros([], jnp.float32))
 
     return _family.transformation(
         "aesam", rho, opts, _switching_rule(take), init_memory=init_memory

@@ -279,3 +279,74 @@ def test_diagnostics_are_recorded_where_the_sam_branch_ran(method):
         for leaf in jax.tree.leaves(optax.tree.get(state, "diagnostics")):
             assert np.size(leaf) == 1
     assert any(flags)
+
+
+# --------------------------------------------------------------------------
+# Donation: no two leaves of a state are one buffer.
+# --------------------------------------------------------------------------
+
+
+def _buffers(tree):
+    return [x.unsafe_buffer_pointer() for x in jax.tree.leaves(tree) if isinstance(x, jax.Array)]
+
+
+def _ms(tx, k=2):
+    """``optax.MultiSteps`` as a ``GradientTransformationExtraArgs`` (its ``update`` forwards them)."""
+    multi = optax.MultiSteps(tx, k)
+    return optax.GradientTransformationExtraArgs(multi.init, multi.update)
+
+
+def _nestings(method):
+    """The method as users compose it: alone, injected, and both nestings of MultiSteps."""
+    inner_ms = optax.MultiSteps(_base(), 2).gradient_transformation()
+    inner = (
+        method.factory(inner_ms, 0.1, **method.hyper)
+        if method.wraps
+        else optax.chain(method.factory(0.1, **method.hyper), inner_ms)
+    )
+    return {
+        "plain": method.tx(0.1, _base()),
+        "injected": method.injected(0.1, _base()),
+        "multisteps_outside": _ms(method.tx(0.1, _base())),
+        "multisteps_inside": inner,
+    }
+
+
+@each_method
+def test_state_leaves_are_distinct_buffers(method):
+    problem = Problem(12)
+    for name, tx in _nestings(method).items():
+        state = tx.init(problem.params)
+        seen = _buffers(state)
+        assert len(set(seen)) == len(seen), (name, "init")
+        assert not set(seen) & set(_buffers(problem.params)), (name, "a params buffer")
+        per = lambda p: problem.per_example(p, problem.batch(0))  # noqa: E731
+        grads = jax.grad(lambda p: jnp.mean(per(p)))(problem.params)
+        _, state = method.update(tx, grads, state, problem.params, per)  # outside jit
+        seen = _buffers(state)
+        assert len(set(seen)) == len(seen), (name, "after an eager step")
+
+
+@each_method
+def test_state_is_donated_to_a_jitted_step(method):
+    # XLA refuses a buffer donated twice ("Attempt to donate the same buffer
+    # twice"): params and state donated, three steps, every nesting.
+    problem = Problem(13)
+    for name, tx in _nestings(method).items():
+
+        def step(params, state, batch, tx=tx):
+            per = lambda p: problem.per_example(p, batch)  # noqa: E731
+            grads = jax.grad(lambda p: jnp.mean(per(p)))(params)
+            updates, state = method.update(tx, grads, state, params, per)
+            return optax.apply_updates(params, updates), state
+
+        donated = jax.jit(step, donate_argnums=(0, 1))
+        params = jax.tree.map(jnp.copy, problem.params)
+        state = tx.init(params)
+        for t in range(3):
+            params, state = donated(params, state, problem.batch(t))
+        chex.assert_tree_all_finite(params)
+        want, want_state = problem.params, tx.init(problem.params)
+        for t in range(3):
+            want, want_state = jax.jit(step)(want, want_state, problem.batch(t))
+        assert_trees_equal(params, want), name
