@@ -10,6 +10,7 @@ from sam_optax._directions import random_direction
 from sam_optax._esam import esam
 from sam_optax._family import Diagnostics
 from sam_optax._family import GroupedObjective
+from sam_optax._family import SAMOptionKeywords
 from sam_optax._family import SAMOptions
 from sam_optax._family import SAMState
 from sam_optax._gsam import gsam
@@ -32,6 +33,7 @@ __all__ = [
     "GradientAverage",
     "GroupedObjective",
     "LookSAMMemory",
+    "SAMOptionKeywords",
     "SAMOptions",
     "SAMState",
     "__version__",

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 from typing import NamedTuple
+from typing import Unpack
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +19,7 @@ import optax
 
 from sam_optax import _axes
 from sam_optax import _family
+from sam_optax._family import SAMOptionKeywords
 
 __all__ = ["GradientAverage", "fsam", "vasso"]
 
@@ -52,7 +54,7 @@ def fsam(
     sigma: jax.typing.ArrayLike = 1.0,
     *,
     decay: float = 0.6,
-    **options: Any,
+    **options: Unpack[SAMOptionKeywords],
 ) -> optax.GradientTransformationExtraArgs:
     r"""Friendly SAM: the perturbation from :math:`g - \sigma m`, :math:`m` a running mean of gradients.
 
@@ -111,7 +113,7 @@ def fsam(
 def vasso(
     rho: optax.ScalarOrSchedule = 0.05,
     theta: jax.typing.ArrayLike = 0.9,
-    **options: Any,
+    **options: Unpack[SAMOptionKeywords],
 ) -> optax.GradientTransformationExtraArgs:
     r"""VaSSO: variance-suppressed SAM, the perturbation along a running mean of the gradients.
 

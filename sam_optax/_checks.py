@@ -112,6 +112,25 @@ def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
         raise ValueError(f"{name} must be one of {choices}, got {name}={value!r}.")
 
 
+def check_base_optimizer(owner: str, inner: Any, example: str) -> None:
+    """``inner`` is an optax transformation (the base optimizer a wrapping method takes first).
+
+    ``msam(0.05)``, written as ``sam(0.05)`` is, would otherwise fail later
+    with ``'float' object has no attribute 'init'``.
+    """
+    if isinstance(inner, (int, float)) and not isinstance(inner, bool):
+        raise TypeError(
+            f"{owner} wraps the base optimizer: its first argument is that optimizer, its "
+            f"second rho. Got {owner}({inner!r}); write {example}."
+        )
+    if not (callable(getattr(inner, "init", None)) and callable(getattr(inner, "update", None))):
+        raise TypeError(
+            f"{owner}: the first argument must be the base optimizer, an optax "
+            f"GradientTransformation (with init and update), got {type(inner).__name__}; "
+            f"write {example}."
+        )
+
+
 def check_tree_matches(tree: Any, params: Any, name: str, owner: str = "sam") -> None:
     """``tree`` has the structure and leaf shapes of ``params``."""
     leaves, treedef = jax.tree.flatten(tree)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from typing import Any
+from typing import Unpack
 
 import jax
 import jax.numpy as jnp
@@ -11,6 +12,7 @@ import optax
 from sam_optax import _checks
 from sam_optax import _family
 from sam_optax._directions import Selection
+from sam_optax._family import SAMOptionKeywords
 
 __all__ = ["esam"]
 
@@ -22,7 +24,7 @@ def esam(
     rho: optax.ScalarOrSchedule = 0.05,
     beta: float = 1.0,
     gamma: float = 1.0,
-    **options: Any,
+    **options: Unpack[SAMOptionKeywords],
 ) -> optax.GradientTransformationExtraArgs:
     r"""ESAM: stochastic weight perturbation and sharpness-sensitive data selection.
 
@@ -40,8 +42,10 @@ def esam(
       :math:`\ell_i(w + \hat\epsilon) - \ell_i(w)` is strictly above the
       k-th largest, :math:`k = \lfloor \gamma n \rfloor` (the authors'
       rule: k - 1 examples when there are no ties; all of them from
-      :math:`\gamma \ge 0.99` on; the whole batch if the rule selects
-      none).
+      :math:`\gamma \ge 0.99` on). When the rule selects no example
+      (:math:`k = 1`, or every rise tied at the cutoff) the authors' code
+      has a NaN loss and a zero gradient; this library's fallback takes
+      the whole batch instead.
 
     ``esam`` extends the family's contract: ``value_fn(params)`` returns the
     **per-example** losses of the batch (a vector whose mean is the loss the
@@ -67,8 +71,8 @@ def esam(
       rho: radius before the division by :math:`\beta`, or a schedule.
       beta: probability of keeping a leaf in the perturbation, in (0, 1]
         (injectable).
-      gamma: fraction of the examples selected, in (0, 1] (static: it sets
-        how many are selected).
+      gamma: fraction of the examples selected, in (0, 1] (injectable: a
+        traced value picks the k-th largest rise at a traced index).
       **options: the family's options (:class:`~sam_optax.SAMOptions`;
         ``seed`` seeds the weight subsets) but ``ascent_steps``,
         ``second_order`` and ``direction``.
@@ -81,16 +85,15 @@ def esam(
         "esam", options, refused=("ascent_steps", "second_order", "direction")
     )
     _family.check_hyper("esam", "beta", beta, low=0.0, high=1.0)
-    if _checks.concrete_float(gamma) is None:
-        raise ValueError(
-            "esam: gamma must be a static number (it sets how many examples are selected); "
-            "with optax.inject_hyperparams pass static_args=('gamma',)."
-        )
+    _family.check_hyper("esam", "gamma", gamma, low=0.0, high=1.0)
     for name, value in (("beta", beta), ("gamma", gamma)):
         v = _checks.concrete_float(value)
         if v is not None and not 0 < v <= 1:
             raise ValueError(f"esam: {name} must be a number in (0, 1], got {name}={value!r}.")
-    subsets = _checks.concrete_float(beta) != 1.0  # a traced beta draws
+    # Whether the state holds a key must not depend on whether beta is traced:
+    # optax.inject_hyperparams passes it as an array to init (concrete) and to
+    # update (traced). Only a Python 1.0 draws nothing.
+    subsets = not (isinstance(beta, (int, float)) and beta == 1.0)
 
     def rule(step: _family.Step, memory: None) -> tuple[Any, None, _family.Diagnostics]:
         call = step.call
@@ -119,24 +122,37 @@ def _kept(step: _family.Step, beta: float) -> Selection:
     return sel._replace(masks=masks)
 
 
-def _selected_loss(per_example: Any, before: jax.Array, gamma: float) -> Any:
-    """``points -> mean loss over the examples selected by their rise from ``before``."""
+def _selected_loss(per_example: Any, before: jax.Array, gamma: Any) -> Any:
+    """``points -> mean loss over the examples selected by their rise from ``before``.
+
+    ``gamma`` may be traced (``optax.inject_hyperparams``): the k-th largest
+    rise is then read from the sorted rises at a traced index.
+    """
     n = before.shape[0]
-    k = int(n * gamma)
-    if gamma >= ALL_EXAMPLES:
-        return lambda points: jnp.mean(per_example(points))
-    if k < 1:
-        raise ValueError(
-            f"esam: gamma={gamma} selects no example of a batch of {n} (gamma * batch < 1)."
-        )
+    static = _checks.concrete_float(gamma)
+    if static is not None:
+        if static >= ALL_EXAMPLES:
+            return lambda points: jnp.mean(per_example(points))
+        if int(n * static) < 1:
+            raise ValueError(
+                f"esam: gamma={gamma} selects no example of a batch of {n} (gamma * batch < 1)."
+            )
 
     def loss(points: tuple[Any, ...]) -> jax.Array:
         losses = per_example(points)
         rise = jax.lax.stop_gradient(losses - before)
-        cutoff = jax.lax.top_k(rise, k)[0][-1]
+        if static is not None:
+            cutoff = jax.lax.top_k(rise, int(n * static))[0][-1]
+            every = False
+        else:
+            k = jnp.floor(n * gamma).astype(jnp.int32)
+            cutoff = jnp.sort(rise)[jnp.clip(n - k, 0, n - 1)]
+            every = (gamma >= ALL_EXAMPLES) | (k < 1)
         chosen = rise > cutoff
         count = jnp.sum(chosen)
         mean_chosen = jnp.sum(jnp.where(chosen, losses, 0.0)) / jnp.maximum(count, 1)
-        return jnp.where(count > 0, mean_chosen, jnp.mean(losses))
+        # None chosen (k = 1, or ties at the cutoff): the authors' code then has a
+        # NaN loss and a zero gradient; this library takes the whole batch.
+        return jnp.where(every | (count == 0), jnp.mean(losses), mean_chosen)
 
     return loss

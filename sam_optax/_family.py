@@ -28,12 +28,14 @@ radius, count and key.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Callable
 from collections.abc import Hashable
 from collections.abc import Mapping
 from collections.abc import Sequence
 from typing import Any
 from typing import NamedTuple
+from typing import TypedDict
 
 import jax
 import jax.numpy as jnp
@@ -160,6 +162,31 @@ class SAMOptions:
         return dataclasses.replace(self, **changes)
 
 
+class SAMOptionKeywords(TypedDict, total=False):
+    """The options of :class:`SAMOptions` as keyword arguments of every factory (PEP 692).
+
+    Each factory's ``**options`` is annotated with it, so ``help()``, IDEs and
+    type checkers see the option names and types; their meaning and
+    defaults are those of :class:`SAMOptions` (a test holds the two to the
+    same names and types). ``options`` passes a whole :class:`SAMOptions`.
+    """
+
+    norm: float
+    adaptive: bool
+    eta: float
+    ascent_steps: int
+    second_order: bool
+    mask: Any
+    axis_name: Hashable | tuple[Hashable, ...] | None
+    sync_perturbation: bool | Hashable | tuple[Hashable, ...]
+    eps: float
+    has_aux: bool
+    direction: str
+    seed: int
+    cosine: bool
+    options: SAMOptions | Mapping[str, Any]
+
+
 OPTION_NAMES = tuple(f.name for f in dataclasses.fields(SAMOptions))
 # The options about where the perturbation comes from: a method whose direction
 # is its own (MSAM's momentum, ...) refuses them.
@@ -282,9 +309,15 @@ class Diagnostics(NamedTuple):
     """Scalars every method records in its state, free in passes and memory.
 
     Read them with ``optax.tree.get(opt_state, "sharpness")`` and so on.
-    Averaged over the data-parallel axes. ``NaN`` means "not measured at
-    this step" (no SAM branch taken, no clean ``value`` passed, or the cosine
-    not asked for).
+    Averaged over the data-parallel axes. ``sharpness``, ``perturbed_loss``
+    and ``cosine`` are the last SAM step's: a switching method's cheap steps
+    (LookSAM between SAM steps, RST, AE-SAM) keep them, and ``sam_step``
+    says whether this step measured them. ``NaN`` means never measured:
+    ``sharpness`` needs the clean loss (``tx.update(..., value=loss)``; the
+    step builders of :mod:`sam_optax.parallel` and the helpers of
+    :mod:`sam_optax.flax` pass it), ``cosine`` needs ``cosine=True`` for the
+    methods that do not hold both gradients anyway; before the first SAM
+    step nothing was measured.
 
     Attributes:
       sharpness: :math:`L(w + \\epsilon) - L(w)`, the first-order sharpness
@@ -302,6 +335,27 @@ class Diagnostics(NamedTuple):
     grad_norm: jax.Array
     cosine: jax.Array
     sam_step: jax.Array
+
+
+def carry_forward(last: Diagnostics, new: Diagnostics) -> Diagnostics:
+    """The step's diagnostics, with what only a SAM step measures kept from the last one.
+
+    A switching method's cheap step (LookSAM between its SAM steps, RST's
+    coin, AE-SAM) takes no perturbed pass: ``sharpness``, ``perturbed_loss``
+    and ``cosine`` keep the last SAM step's values (a NaN in a per-step log
+    reads as divergence) and ``sam_step`` says this step measured none of
+    them. A NaN measured at a SAM step is recorded as measured.
+    """
+    taken = new.sam_step
+
+    def keep(old: jax.Array, now: jax.Array) -> jax.Array:
+        return jnp.where(taken, now, old)
+
+    return new._replace(
+        sharpness=keep(last.sharpness, new.sharpness),
+        perturbed_loss=keep(last.perturbed_loss, new.perturbed_loss),
+        cosine=keep(last.cosine, new.cosine),
+    )
 
 
 def initial_diagnostics() -> Diagnostics:
@@ -453,8 +507,29 @@ def prepare_call(
         updates, params, value_fn, grouped_objective, options.has_aux, owner, per_example
     )
     _axes.check_bound(options.axes, owner)
+    _check_value(value, owner, per_example)
     sel = select(params, options.mask, *objective.grads)
     return Call(objective, params, updates, sel, value, extra_args, grouped_objective)
+
+
+def _check_value(value: Any, owner: str, per_example: bool) -> None:
+    """``value=`` is the clean loss at the params: a real scalar (or ESAM's per-example losses)."""
+    if value is None:
+        return
+    what = (
+        "the clean per-example losses at params (a vector) or their mean"
+        if per_example
+        else "the clean loss at params, a scalar"
+    )
+    try:
+        shape, dtype = jnp.shape(value), jnp.result_type(value)
+    except TypeError:
+        raise TypeError(f"{owner}: value= must be {what}, got {type(value).__name__}.") from None
+    if not jnp.issubdtype(dtype, jnp.floating) and not jnp.issubdtype(dtype, jnp.integer):
+        raise TypeError(f"{owner}: value= must be {what}, got an array of dtype {dtype}.")
+    if len(shape) > (1 if per_example else 0):
+        hint = "" if per_example else " (pass the mean loss, as value_fn returns it)"
+        raise ValueError(f"{owner}: value= must be {what}, got an array of shape {shape}{hint}.")
 
 
 # --------------------------------------------------------------------------
@@ -773,10 +848,77 @@ def transformation(
                     step = materialize(step, keep_grads=True)
                 out, memory, diagnostics = rule(step, state.memory)
         next_key = None if key is None else jax.random.key_data(jax.random.split(key)[0])
+        diagnostics = carry_forward(state.diagnostics, diagnostics)
         state = SAMState(optax.safe_increment(state.count), next_key, diagnostics, memory)
         return out, distinct_buffers(state, params)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+#: How many first steps :class:`OrderCheck` reads.
+ORDER_CHECK_STEPS = 5
+
+
+class OrderCheck:
+    r"""Warns when a method's perturbation lowered the loss in one of the first steps.
+
+    ``optax.chain(base, sam(rho))`` (the method after the base optimizer)
+    hands the method an update, :math:`-\eta g`, not a gradient: it perturbs
+    downhill and hands on a gradient that the chain then *adds* to the
+    params, so training ascends. Along the gradient the perturbed loss is
+    :math:`L(w \pm \rho\hat g) - L(w) \approx \pm\rho\|g\| + c` with the
+    same curvature term c either way, so a negative ``sharpness`` diagnostic
+    says the perturbation went downhill; once training ascends,
+    :math:`\|g\|` grows and the sign shows even where c hid it at first.
+
+    The step builders of :mod:`sam_optax.parallel` and the helpers of
+    :mod:`sam_optax.flax` call one after each of their first
+    :data:`ORDER_CHECK_STEPS` calls (a host sync each, then nothing): it
+    reads every state of the family in ``opt_state`` (they pass ``value=``,
+    which the diagnostic needs) and warns once. A loss with negative
+    curvature along the gradient, or ``direction='random'`` (the ablation),
+    can trip it too; the message says so. Traced values are not read.
+    """
+
+    def __init__(self, where: str) -> None:
+        self.where = where
+        self.left = ORDER_CHECK_STEPS
+
+    def __call__(self, opt_state: Any) -> None:
+        if self.left <= 0:
+            return
+        states = [
+            x
+            for x in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, SAMState))
+            if isinstance(x, SAMState)
+        ]
+        # Flattened: a wrapper that is a pytree (nnx.Optimizer's variables) gives its array.
+        read = [
+            [
+                jax.tree.leaves(x)[0]
+                for x in (s.count, s.diagnostics.sharpness, s.diagnostics.sam_step)
+            ]
+            for s in states
+        ]
+        if any(isinstance(x, jax.core.Tracer) for r in read for x in r):
+            return
+        self.left -= 1
+        for count, sharpness, taken in read:
+            if int(count) <= ORDER_CHECK_STEPS and bool(taken) and float(sharpness) < 0:
+                self.left = 0
+                warnings.warn(
+                    f"{self.where}: at step {int(count)} the perturbed loss is below the clean "
+                    f"one (sharpness {float(sharpness):.3g} < 0): the perturbation went "
+                    "downhill. If the SAM method comes after the base optimizer in the chain "
+                    "(optax.chain(optax.sgd(...), sam_optax.sam(...))), it perturbs along "
+                    "the update instead of the gradient and training ascends: put it first, "
+                    "optax.chain(sam_optax.sam(rho), base). (A loss with negative curvature "
+                    "along the gradient, or direction='random', can also do this: then "
+                    "ignore this warning.)",
+                    UserWarning,
+                    stacklevel=3,
+                )
+                return
 
 
 def _keep_memory(step: Step, memory: Any) -> tuple[Any, Any, Diagnostics]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from typing import Any
+from typing import Unpack
 
 import jax
 import jax.numpy as jnp
@@ -10,6 +11,7 @@ import optax
 
 from sam_optax import _checks
 from sam_optax import _family
+from sam_optax._family import SAMOptionKeywords
 
 __all__ = ["gsam", "rho_from_learning_rate"]
 
@@ -52,7 +54,7 @@ def rho_from_learning_rate(
 def gsam(
     rho: optax.ScalarOrSchedule = 0.05,
     alpha: jax.typing.ArrayLike = 0.1,
-    **options: Any,
+    **options: Unpack[SAMOptionKeywords],
 ) -> optax.GradientTransformationExtraArgs:
     r"""GSAM: the SAM gradient minus :math:`\alpha` times the clean gradient's orthogonal part.
 

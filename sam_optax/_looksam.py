@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 from typing import NamedTuple
+from typing import Unpack
 
 import jax
 import optax
@@ -11,6 +12,7 @@ import optax
 from sam_optax import _axes
 from sam_optax import _checks
 from sam_optax import _family
+from sam_optax._family import SAMOptionKeywords
 
 __all__ = ["LookSAMMemory", "looksam"]
 
@@ -25,7 +27,7 @@ def looksam(
     rho: optax.ScalarOrSchedule = 0.05,
     every: int = 5,
     alpha: jax.typing.ArrayLike = 0.7,
-    **options: Any,
+    **options: Unpack[SAMOptionKeywords],
 ) -> optax.GradientTransformationExtraArgs:
     r"""LookSAM: the full SAM step every k steps, the stored ascent direction in between.
 

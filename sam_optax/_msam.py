@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from typing import Any
+from typing import Unpack
 
 import jax
 import jax.numpy as jnp
@@ -12,6 +13,7 @@ import optax
 from sam_optax import _axes
 from sam_optax import _checks
 from sam_optax import _family
+from sam_optax._family import SAMOptionKeywords
 
 __all__ = ["msam"]
 
@@ -56,7 +58,7 @@ def msam(
     *,
     moment: str | Callable[[Any], Any] | None = None,
     sees: str = "clean",
-    **options: Any,
+    **options: Unpack[SAMOptionKeywords],
 ) -> optax.GradientTransformationExtraArgs:
     r"""Momentum-SAM: the base optimizer's step on the gradient at :math:`w - \rho\, m / \|m\|`.
 
@@ -113,6 +115,9 @@ def msam(
       Becker et al, `Momentum-SAM: Sharpness Aware Minimization without
       Computational Overhead <https://arxiv.org/abs/2401.12033>`_, 2024.
     """
+    _checks.check_base_optimizer(
+        "msam", inner, "sam_optax.msam(optax.sgd(learning_rate, momentum=0.9), rho=3.0)"
+    )
     opts = _family.options_from(
         "msam", options, refused=(*_family.GRADIENT_OPTIONS, "norm", "cosine", "seed")
     )

@@ -8,17 +8,19 @@ axes.
 from __future__ import annotations
 
 from typing import Any
+from typing import Unpack
 
 import optax
 
 from sam_optax import _family
+from sam_optax._family import SAMOptionKeywords
 
 __all__ = ["sam"]
 
 
 def sam(
     rho: optax.ScalarOrSchedule = 0.05,
-    **options: Any,
+    **options: Unpack[SAMOptionKeywords],
 ) -> optax.GradientTransformationExtraArgs:
     r"""Sharpness-Aware Minimization: turns :math:`\nabla L(w)` into :math:`\nabla L(w + \hat\epsilon)`.
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 from typing import NamedTuple
+from typing import Unpack
 
 import jax
 import jax.numpy as jnp
@@ -15,6 +16,7 @@ import optax
 
 from sam_optax import _axes
 from sam_optax import _family
+from sam_optax._family import SAMOptionKeywords
 
 __all__ = ["AESAMMemory", "aesam", "rst"]
 
@@ -27,7 +29,7 @@ def _switch(step: _family.Step, take: jax.Array) -> tuple[Any, _family.Diagnosti
 def rst(
     rho: optax.ScalarOrSchedule = 0.05,
     probability: optax.ScalarOrSchedule = 0.5,
-    **options: Any,
+    **options: Unpack[SAMOptionKeywords],
 ) -> optax.GradientTransformationExtraArgs:
     r"""Randomized sharpness-aware training: a SAM step with probability :math:`p_t`, else the base step.
 
@@ -85,7 +87,7 @@ def aesam(
     threshold: optax.ScalarOrSchedule = 0.0,
     *,
     decay: float = 0.9,
-    **options: Any,
+    **options: Unpack[SAMOptionKeywords],
 ) -> optax.GradientTransformationExtraArgs:
     r"""AE-SAM: a SAM step when :math:`\|g\|^2` is high against its running statistics.
 

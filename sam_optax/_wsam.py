@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from typing import Any
+from typing import Unpack
 
 import jax
 import optax
@@ -10,6 +11,7 @@ import optax
 from sam_optax import _axes
 from sam_optax import _checks
 from sam_optax import _family
+from sam_optax._family import SAMOptionKeywords
 
 __all__ = ["wsam"]
 
@@ -20,7 +22,7 @@ def wsam(
     gamma: float = 0.9,
     *,
     learning_rate: optax.ScalarOrSchedule | None = None,
-    **options: Any,
+    **options: Unpack[SAMOptionKeywords],
 ) -> optax.GradientTransformationExtraArgs:
     r"""Weighted SAM: the loss plus :math:`\frac{\gamma}{1-\gamma}` times SAM's sharpness.
 
@@ -61,6 +63,9 @@ def wsam(
       Yue et al, `Sharpness-Aware Minimization Revisited: Weighted Sharpness as
       a Regularization Term <https://arxiv.org/abs/2305.15817>`_, 2023.
     """
+    _checks.check_base_optimizer(
+        "wsam", inner, "sam_optax.wsam(optax.sgd(learning_rate, momentum=0.9), rho=0.05)"
+    )
     opts = _family.options_from("wsam", options)
     _family.check_hyper("wsam", "gamma", gamma, low=0.0)
     if _checks.concrete_float(gamma) is not None and not gamma < 1:

@@ -18,19 +18,31 @@ What the paper's JAX implementation does, and what every helper here does:
   checkpoints see one set. For cross-device statistics, build the model's
   BatchNorm with ``axis_name`` equal to the data axis.
 
-Flax is an optional extra (``pip install sam-optax[flax]``): ``import
-sam_optax`` does not import this module.
+Flax is an optional extra (``pip install 'flax>=0.12.7'``, or from a clone
+``pip install -e '.[flax]'``): ``import sam_optax`` does not import this
+module, and importing it without Flax says what to install.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import optax
-from flax import nnx
-from flax.training import train_state
+
+try:
+    from flax import nnx
+    from flax.training import train_state
+except ModuleNotFoundError as err:  # pragma: no cover - exercised in a subprocess
+    raise ModuleNotFoundError(
+        f"sam_optax.flax needs Flax, which is not installed here ({err}). Install it with "
+        "pip install 'flax>=0.12.7'; from a clone of the sam_optax repository, "
+        "pip install -e '.[flax]' in its root installs the package with that extra."
+    ) from err
+
+from sam_optax import _family
 
 __all__ = [
     "SAMTrainState",
@@ -40,6 +52,7 @@ __all__ = [
     "linen_train_step",
     "nnx_loss_fn",
     "nnx_normalization_mask",
+    "nnx_shard_map_step",
     "nnx_train_step",
     "nnx_value_and_grad",
     "nnx_value_fn",
@@ -178,7 +191,7 @@ def nnx_train_step(loss_fn: Callable[..., Any], *, has_aux: bool = False) -> Cal
     """
 
     @nnx.jit
-    def step(model: nnx.Module, optimizer: nnx.Optimizer, *args: Any) -> Any:
+    def jitted(model: nnx.Module, optimizer: nnx.Optimizer, *args: Any) -> Any:
         out, grads, value_fn = nnx_value_and_grad(loss_fn, has_aux=has_aux, wrt=optimizer.wrt)(
             model, *args
         )
@@ -186,7 +199,26 @@ def nnx_train_step(loss_fn: Callable[..., Any], *, has_aux: bool = False) -> Cal
         optimizer.update(model, grads, value_fn=value_fn, value=value)
         return out
 
-    return step
+    return _checked_first_call(jitted, lambda a: a[1].opt_state, "sam_optax.flax.nnx_train_step")
+
+
+def _checked_first_call(
+    step: Callable[..., Any], opt_state_of: Callable[[tuple[Any, ...]], Any], where: str
+) -> Callable[..., Any]:
+    """``step``, which after its first calls outside a trace checks the chain's order.
+
+    ``opt_state_of(args_and_result)`` finds the optimizer state after the call
+    (see :class:`sam_optax._family.OrderCheck`).
+    """
+    check_order = _family.OrderCheck(where)
+
+    @functools.wraps(step)
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        out = step(*args, **kwargs)
+        check_order(opt_state_of((*args, out)))
+        return out
+
+    return wrapped
 
 
 def freeze_batch_norm(model: nnx.Module, frozen: bool = True) -> nnx.Module:
@@ -256,6 +288,173 @@ def nnx_loss_fn(
         return loss, ((new_rest, aux) if has_aux else new_rest)
 
     return f
+
+
+def nnx_shard_map_step(
+    loss_fn: Callable[..., Any],
+    mesh: jax.sharding.Mesh,
+    *,
+    axis_name: str | tuple[str, ...] = "data",
+    group_size: int | None = None,
+    has_aux: bool = False,
+    rng_streams: tuple[str, ...] = ("dropout",),
+    pass_rngs: bool = False,
+    sequential: bool = True,
+    donate: bool = True,
+) -> Callable[..., Any]:
+    """Per-device SAM (m-sharpness) for an NNX model and its ``nnx.Optimizer`` on a mesh.
+
+    ``step(model, optimizer, batch, rngs=None)`` runs one step of
+    :func:`sam_optax.parallel.shard_map_step` on the model's params and the
+    optimizer's state and writes the results back: the model and the
+    optimizer go in and come out updated, as with ``nnx.jit`` and
+    ``optimizer.update``, and the training step stays yours. Each data
+    replica differentiates its own shard of ``batch`` and perturbs with its own
+    gradient (the paper's per-device ε; ``group_size=m`` splits each
+    replica's share into groups of m); the SAM gradients are averaged. The
+    optimizer's ``tx`` must hold a method of the family with
+    ``axis_name`` equal to the step's data axis (``sam(rho,
+    axis_name='data')``).
+
+    On a ``('data', 'model')`` mesh the params keep the shardings they were
+    placed with (``nnx.with_partitioning`` over ``'model'``, then
+    ``jax.device_put`` or ``jax.lax.with_sharding_constraint`` as the Flax
+    GSPMD guide does); only the data axes are manual inside the step. So
+    activation constraints inside the model cannot name a data axis: write
+    ``P(P.UNCONSTRAINED, 'model')`` where the guide writes ``P('data',
+    'model')`` (under plain ``jit`` that still keeps the batch's data
+    sharding; ``None`` would replicate it). A model that names the data
+    axis is refused with that edit.
+
+    BatchNorm and randomness, as in the paper's code: each replica normalizes
+    with its own batch's statistics, the clean pass's statistics are kept and
+    averaged over the replicas, the perturbed pass's dropped. One key per
+    step is drawn from ``rngs`` (an ``nnx.Rngs``: advanced once per step, like
+    a plain step; or a key), else from the model's own stream among
+    ``rng_streams`` (``nnx.Dropout(..., rngs=...)``), and folded with the
+    replica and group index: each replica draws its own dropout masks, the
+    same in both passes. The model's streams are reseeded from it for the
+    step (or, with ``pass_rngs``, ``loss_fn`` gets an ``nnx.Rngs`` of those
+    streams, as in the Flax examples); their own keys and counts are left as
+    the draw left them.
+
+    Args:
+      loss_fn: ``loss_fn(model, batch) -> loss`` (or ``(loss, aux)`` with
+        ``has_aux``; ``loss_fn(model, batch, rngs)`` with ``pass_rngs``), the
+        mean loss of a batch.
+      mesh: the device mesh; ``axis_name`` names its data axes.
+      axis_name: the data axis, or a tuple of data axes.
+      group_size: examples per perturbation within a replica (``None``: the
+        replica's whole share).
+      has_aux: ``loss_fn`` returns ``(loss, aux)``; the step returns ``(loss,
+        aux)`` with ``aux`` the clean pass's, averaged over groups and replicas.
+      rng_streams: the RNG streams reseeded (or passed) from the step's key.
+      pass_rngs: call ``loss_fn(model, batch, rngs)``.
+      sequential: the groups one after the other (see
+        :func:`sam_optax.parallel.shard_map_step`).
+      donate: donate the params and optimizer state to the step (their
+        buffers hold the results).
+
+    Returns:
+      ``step(model, optimizer, batch, rngs=None) -> loss`` (or ``(loss,
+      aux)``), the mean clean loss; ``step.lower(model, optimizer, batch,
+      rngs=None)`` lowers it (``.compile().memory_analysis()``).
+    """
+    from sam_optax import parallel
+
+    built: dict[Any, tuple[Any, Callable[..., Any]]] = {}
+    check_order = _family.OrderCheck("sam_optax.flax.nnx_shard_map_step")
+
+    def functional(graphdef: Any, optimizer: nnx.Optimizer) -> Callable[..., Any]:
+        key = (graphdef, optimizer.wrt)
+        tx, fn = built.get(key, (None, None))
+        if tx is not optimizer.tx:
+            device_loss = nnx_loss_fn(
+                graphdef,
+                loss_fn,
+                rng_streams=rng_streams,
+                pass_rngs=pass_rngs,
+                has_aux=has_aux,
+            )
+            fn = parallel.shard_map_step(
+                device_loss,
+                optimizer.tx,
+                mesh,
+                axis_name=axis_name,
+                group_size=group_size,
+                has_aux=True,
+                sequential=sequential,
+                donate=donate,
+            )
+            built[key] = (optimizer.tx, fn)
+        return fn
+
+    def arguments(model: nnx.Module, optimizer: nnx.Optimizer, rngs: Any) -> tuple[Any, ...]:
+        graphdef, params, rest = nnx.split(model, optimizer.wrt, ...)
+        _check_params_filter(params)
+        rng = _step_key(model, rngs, rng_streams)
+        opt_state = nnx.as_pure(optimizer.opt_state)
+        return graphdef, nnx.as_pure(params), opt_state, nnx.as_pure(rest), rng
+
+    def step(model: nnx.Module, optimizer: nnx.Optimizer, batch: Any, rngs: Any = None) -> Any:
+        graphdef, params, opt_state, rest, rng = arguments(model, optimizer, rngs)
+        streams = nnx.as_pure(nnx.state(model, nnx.RngState))  # as the draw left them
+        params, opt_state, loss, (new_rest, *aux) = _unpack(
+            functional(graphdef, optimizer)(params, opt_state, batch, rest, rng=rng), has_aux
+        )
+        # The clean pass's statistics; the streams keep their keys and counts.
+        nnx.update(model, params, new_rest, streams)
+        nnx.update(optimizer.opt_state, nnx.state(opt_state))
+        optimizer.step[...] += 1
+        check_order(optimizer.opt_state)
+        return (loss, aux[0]) if has_aux else loss
+
+    def lower(model: nnx.Module, optimizer: nnx.Optimizer, batch: Any, rngs: Any = None) -> Any:
+        graphdef, params, opt_state, rest, rng = arguments(model, optimizer, rngs)
+        return functional(graphdef, optimizer).lower(params, opt_state, batch, rest, rng=rng)
+
+    step.lower = lower  # type: ignore[attr-defined]
+    return step
+
+
+def _unpack(out: tuple[Any, ...], has_aux: bool) -> tuple[Any, ...]:
+    """``(params, opt_state, loss, (new_rest, aux?))`` from the functional step's output."""
+    params, opt_state, loss, extra = out
+    if has_aux:
+        new_rest, aux = extra
+        return params, opt_state, loss, (new_rest, aux)
+    return params, opt_state, loss, (extra,)
+
+
+def _check_params_filter(params: Any) -> None:
+    """The optimizer's ``wrt`` selects params (``nnx.Param`` and its subclasses)."""
+    for path, variable in nnx.to_flat_state(params):
+        if not isinstance(variable, nnx.Param):
+            raise ValueError(
+                "nnx_shard_map_step: the optimizer's wrt selects "
+                f"{type(variable).__name__} at {'/'.join(map(str, path))}, which is not an "
+                "nnx.Param; the step writes the clean pass's other state (BatchNorm "
+                "statistics, ...) back itself. Build the optimizer with wrt=nnx.Param (or a "
+                "subclass such as nnx.LoRAParam)."
+            )
+
+
+def _step_key(model: nnx.Module, rngs: Any, streams: tuple[str, ...]) -> jax.Array | None:
+    """One key for this step: from ``rngs`` (advanced once), else from the model's own stream."""
+    if rngs is None:
+        found = {
+            node.tag: node
+            for _, node in nnx.iter_graph(model)
+            if isinstance(node, nnx.RngStream) and node.tag in streams
+        }
+        named = [found[name] for name in streams if name in found]
+        return named[0]() if named else None
+    if isinstance(rngs, nnx.Rngs):
+        for name in streams:
+            if name in rngs:
+                return rngs[name]()
+        return rngs()
+    return rngs
 
 
 # --------------------------------------------------------------------------
@@ -396,7 +595,11 @@ def linen_train_step(
         )
         return state, loss
 
-    return jax.jit(step, donate_argnums=(0,) if donate else ())
+    return _checked_first_call(
+        jax.jit(step, donate_argnums=(0,) if donate else ()),
+        lambda a: a[-1][0].opt_state,
+        "sam_optax.flax.linen_train_step",
+    )
 
 
 # --------------------------------------------------------------------------

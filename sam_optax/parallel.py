@@ -30,6 +30,7 @@ SAM gradients are averaged); for a plain data-parallel baseline use
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
 import math
 from collections.abc import Callable
@@ -40,11 +41,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import AxisType
 from jax.sharding import Mesh
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from sam_optax import _axes
+from sam_optax import _family
 from sam_optax import _groups
 from sam_optax._family import GroupedObjective
 from sam_optax._groups import split_groups
@@ -246,6 +249,7 @@ def _build_step(
     compiled = compile_body(body)
     # The losses (replicated on every device) of the steps still running.
     in_flight = collections.deque() if _bounds_steps_in_flight(devices) else None
+    check_order = _family.OrderCheck(f"sam_optax.parallel ({kind})")
 
     def step(params, opt_state, batch, *args, rng=None):
         per_device = _groups.shard_size(batch, n_devices, axis_name)
@@ -259,8 +263,18 @@ def _build_step(
         out = compiled(params, opt_state, shape_batch(batch), tuple(args), rng)
         if in_flight is not None:
             in_flight.append(out[2])
+        check_order(out[1])
         return out
 
+    def lower(params, opt_state, batch, *args, rng=None):
+        """The step lowered for these arguments (``jax.jit``'s ``lower``): ``.compile()``,
+        ``.memory_analysis()``, ``.as_text()``."""
+        _groups.groups_per_shard(
+            _groups.shard_size(batch, n_devices, axis_name), group_size, n_devices
+        )
+        return compiled.lower(params, opt_state, shape_batch(batch), tuple(args), rng)
+
+    step.lower = lower
     step.__doc__ = f"""Returns ``step(params, opt_state, batch, *args, rng=None)`` ({kind}).
 
     ``loss_fn(params, batch, *args) -> loss`` (or ``(loss, aux)`` with
@@ -399,14 +413,19 @@ def shard_map_step(
     data_spec = P(names if len(names) > 1 else names[0])
     manual = set(names) if len(names) < len(mesh.axis_names) else None
 
+    replicas = math.prod(mesh.shape[n] for n in names)
+
     def compile_body(body):
-        mapped = jax.shard_map(
-            body,
-            mesh=mesh,
-            in_specs=(P(), P(), data_spec, P(), P()),
-            out_specs=P(),
-            **({"axis_names": manual} if manual else {}),
-        )
+        if replicas == 1 and manual:
+            mapped = _one_replica(body, names)
+        else:
+            mapped = jax.shard_map(
+                body,
+                mesh=mesh,
+                in_specs=(P(), P(), data_spec, P(), P()),
+                out_specs=P(),
+                **({"axis_names": manual} if manual else {}),
+            )
 
         @functools.lru_cache(maxsize=8)
         def compiled(treedef: Any, shardings: tuple[Any, ...]) -> Callable[..., Any]:
@@ -424,11 +443,24 @@ def shard_map_step(
 
             return jax.jit(step, donate_argnums=(0, 1) if donate else ())
 
-        def call(params, opt_state, batch, args, rng):
+        def jitted(params, opt_state):
             leaves, treedef = jax.tree.flatten((params, opt_state))
-            shardings = tuple(_named_sharding(x, mesh) for x in leaves)
-            return compiled(treedef, shardings)(params, opt_state, batch, args, rng)
+            return compiled(treedef, tuple(_named_sharding(x, mesh) for x in leaves))
 
+        # Without shard_map (one replica) the loss's PartitionSpecs need the mesh in context.
+        context = (
+            (lambda: jax.set_mesh(mesh)) if replicas == 1 and manual else contextlib.nullcontext
+        )
+
+        def call(params, opt_state, batch, args, rng):
+            with _sharding_errors_explained(mesh, names), context():
+                return jitted(params, opt_state)(params, opt_state, batch, args, rng)
+
+        def lower(params, opt_state, batch, args, rng):
+            with _sharding_errors_explained(mesh, names), context():
+                return jitted(params, opt_state).lower(params, opt_state, batch, args, rng)
+
+        call.lower = lower
         return call
 
     return _build_step(
@@ -445,6 +477,73 @@ def shard_map_step(
         devices=mesh.devices,
         donate=donate,
     )
+
+
+def _one_replica(body: Callable[..., Any], names: tuple[Hashable, ...]) -> Callable[..., Any]:
+    """``body`` with the data axes (all of size 1) bound by ``jax.vmap`` instead of ``shard_map``.
+
+    On a ``(1, n)`` mesh a ``shard_map`` manual over the data axis alone makes
+    XLA's partitioner abort on the averaging collective (jaxlib 0.10.2 and
+    0.12.1: "Cross-partition allreduce must be in (partial) manual
+    partitioning mode"); one replica needs no collective, and a ``vmap`` of
+    size 1 binds the axis names the optimizer averages over.
+    """
+    mapped = body
+    for name in reversed(names):
+        mapped = jax.vmap(mapped, in_axes=(None, None, 0, None, None), axis_name=name, axis_size=1)
+
+    def call(params, opt_state, batch, args, rng):
+        batch = jax.tree.map(lambda x: x.reshape((1,) * len(names) + x.shape), batch)
+        out = mapped(params, opt_state, batch, args, rng)
+        return jax.tree.map(lambda x: x[(0,) * len(names)], out)
+
+    return call
+
+
+@contextlib.contextmanager
+def _sharding_errors_explained(mesh: Mesh, names: tuple[Hashable, ...]) -> Any:
+    """Re-raises JAX's sharding errors met while tracing the loss with the edit that fixes them.
+
+    Two come from models written for a plain ``jit`` step: an activation
+    constraint naming a data axis, which is manual inside the per-device step
+    (JAX: "can only refer to Auto axes ... You probably meant to use
+    `reshard` API?"), and a model-sharded contraction on a mesh of Explicit
+    axes, ``jax.make_mesh``'s default (JAX: "Contracting dimensions are
+    sharded ...").
+    """
+    try:
+        yield
+    except Exception as err:
+        text = str(err)
+        explicit = [
+            n
+            for n, t in zip(mesh.axis_names, mesh.axis_types)
+            if n not in names and t == AxisType.Explicit
+        ]
+        if explicit and (type(err).__name__ == "ShardingTypeError" or "Auto" in text):
+            raise ValueError(
+                f"the mesh's axes {tuple(explicit)!r} are Explicit (jax.make_mesh's default "
+                f"since jax 0.10), and the loss is not written for them: {text.splitlines()[0]} "
+                f"Build the mesh with axis_types=(jax.sharding.AxisType.Auto,) * "
+                f"{len(mesh.axis_names)} to let XLA partition the model-sharded operations "
+                "(what models written for GSPMD, such as the Flax guide's, expect), or write "
+                "the loss for Explicit sharding (out_sharding=, jax.sharding.reshard)."
+            ) from err
+        named = [n for n in names if repr(n) in text.split("mesh=")[0]]
+        if not isinstance(err, ValueError) or "only refer to Auto axes" not in text or not named:
+            raise
+        others = [n for n in mesh.axis_names if n not in names]
+        written = ", ".join(map(repr, [named[0], *others[:1]]))
+        edit = ", ".join(["P.UNCONSTRAINED", *map(repr, others[:1])])
+        raise ValueError(
+            f"the loss constrains an activation's sharding over the data axis {named[0]!r} "
+            "(jax.lax.with_sharding_constraint or nnx.with_sharding_constraint with a "
+            f"PartitionSpec naming {named[0]!r}), but inside sam_optax's per-device step "
+            "that axis is manual: each device computes its own shard of the batch. Leave "
+            f"the batch dimension to the step: write P({edit}) where the model writes "
+            f"P({written}). Under a plain jit step P.UNCONSTRAINED keeps the batch's data "
+            "sharding (None would replicate it)."
+        ) from err
 
 
 def _named_sharding(x: Any, mesh: Mesh) -> NamedSharding | None:

@@ -108,7 +108,6 @@ METHODS = [
         {"beta": 0.6, "gamma": 0.5},
         per_example=True,
         refuses=("ascent_steps", "second_order", "direction"),
-        static=("gamma",),
         scratch=1.05,
     ),
     Method("msam", wraps=True, refuses=_MOMENT_ONLY, scratch=0.1),
