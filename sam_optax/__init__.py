@@ -19,6 +19,8 @@ from sam_optax._looksam import LookSAMMemory
 from sam_optax._looksam import looksam
 from sam_optax._msam import msam
 from sam_optax._sam import sam
+from sam_optax._sampa import SAMPaMemory
+from sam_optax._sampa import sampa
 from sam_optax._switching import AESAMMemory
 from sam_optax._switching import aesam
 from sam_optax._switching import rst
@@ -35,6 +37,7 @@ __all__ = [
     "LookSAMMemory",
     "SAMOptionKeywords",
     "SAMOptions",
+    "SAMPaMemory",
     "SAMState",
     "__version__",
     "aesam",
@@ -50,6 +53,7 @@ __all__ = [
     "rho_from_learning_rate",
     "rst",
     "sam",
+    "sampa",
     "vasso",
     "wsam",
 ]

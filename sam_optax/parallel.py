@@ -51,6 +51,7 @@ from sam_optax import _family
 from sam_optax import _groups
 from sam_optax._family import GroupedObjective
 from sam_optax._groups import split_groups
+from sam_optax._sampa import SAMPaMemory
 
 __all__ = [
     "CPU_STEPS_IN_FLIGHT",
@@ -58,6 +59,7 @@ __all__ = [
     "place",
     "pmap_step",
     "replicate",
+    "sampa_step",
     "shard_batch",
     "shard_map_step",
     "split_groups",
@@ -248,7 +250,7 @@ def _build_step(
 
     compiled = compile_body(body)
     # The losses (replicated on every device) of the steps still running.
-    in_flight = collections.deque() if _bounds_steps_in_flight(devices) else None
+    in_flight = _StepsInFlight(devices)
     check_order = _family.OrderCheck(f"sam_optax.parallel ({kind})")
 
     def step(params, opt_state, batch, *args, rng=None):
@@ -256,13 +258,9 @@ def _build_step(
         _groups.groups_per_shard(per_device, group_size, n_devices)
         if donate:
             _check_not_donated(params, opt_state)
-        while in_flight is not None and len(in_flight) >= CPU_STEPS_IN_FLIGHT:
-            earlier = in_flight.popleft()
-            if not earlier.is_deleted():
-                earlier.block_until_ready()
+        in_flight.wait()
         out = compiled(params, opt_state, shape_batch(batch), tuple(args), rng)
-        if in_flight is not None:
-            in_flight.append(out[2])
+        in_flight.add(out[2])
         check_order(out[1])
         return out
 
@@ -339,6 +337,24 @@ def _bounds_steps_in_flight(devices: Any) -> bool:
 
 #: Steps of a multi-device CPU step function allowed in flight at once.
 CPU_STEPS_IN_FLIGHT = 2
+
+
+class _StepsInFlight:
+    """The outputs of the steps still running, where they must be bounded (see above)."""
+
+    def __init__(self, devices: Any) -> None:
+        self.running = collections.deque() if _bounds_steps_in_flight(devices) else None
+
+    def wait(self) -> None:
+        """Waits until fewer than :data:`CPU_STEPS_IN_FLIGHT` earlier steps are unfinished."""
+        while self.running is not None and len(self.running) >= CPU_STEPS_IN_FLIGHT:
+            earlier = self.running.popleft()
+            if not earlier.is_deleted():
+                earlier.block_until_ready()
+
+    def add(self, output: jax.Array) -> None:
+        if self.running is not None:
+            self.running.append(output)
 
 
 def shard_map_step(
@@ -427,41 +443,8 @@ def shard_map_step(
                 **({"axis_names": manual} if manual else {}),
             )
 
-        @functools.lru_cache(maxsize=8)
-        def compiled(treedef: Any, shardings: tuple[Any, ...]) -> Callable[..., Any]:
-            # The placement of params and state is not part of the traced types
-            # (the model axes are automatic), so it keys this cache: the step
-            # hands them back with the shardings they came in with.
-            def step(params, opt_state, batch, args, rng):
-                out = mapped(params, opt_state, batch, args, rng)
-                leaves = jax.tree.leaves((out[0], out[1]))
-                kept = [
-                    x if s is None else jax.lax.with_sharding_constraint(x, s)
-                    for x, s in zip(leaves, shardings)
-                ]
-                return (*jax.tree.unflatten(treedef, kept), *out[2:])
-
-            return jax.jit(step, donate_argnums=(0, 1) if donate else ())
-
-        def jitted(params, opt_state):
-            leaves, treedef = jax.tree.flatten((params, opt_state))
-            return compiled(treedef, tuple(_named_sharding(x, mesh) for x in leaves))
-
         # Without shard_map (one replica) the loss's PartitionSpecs need the mesh in context.
-        context = (
-            (lambda: jax.set_mesh(mesh)) if replicas == 1 and manual else contextlib.nullcontext
-        )
-
-        def call(params, opt_state, batch, args, rng):
-            with _sharding_errors_explained(mesh, names), context():
-                return jitted(params, opt_state)(params, opt_state, batch, args, rng)
-
-        def lower(params, opt_state, batch, args, rng):
-            with _sharding_errors_explained(mesh, names), context():
-                return jitted(params, opt_state).lower(params, opt_state, batch, args, rng)
-
-        call.lower = lower
-        return call
+        return _jit_on_mesh(mapped, mesh, names, donate, one_replica=replicas == 1 and manual)
 
     return _build_step(
         loss_fn,
@@ -477,6 +460,54 @@ def shard_map_step(
         devices=mesh.devices,
         donate=donate,
     )
+
+
+def _jit_on_mesh(
+    mapped: Callable[..., Any],
+    mesh: Mesh,
+    names: tuple[Hashable, ...],
+    donate: bool,
+    one_replica: bool = False,
+) -> Callable[..., Any]:
+    """``call(params, opt_state, *rest)``: ``mapped`` jitted, params and state kept where they were.
+
+    The placement of params and state is not part of the traced types (the
+    model axes are automatic), so it keys a cache of compiled steps: the
+    step hands them back with the shardings they came in with. JAX's
+    sharding errors come back with the edit (:func:`_sharding_errors_explained`);
+    ``call.lower(...)`` lowers the step. ``one_replica``: ``mapped`` has no
+    ``shard_map`` to give the loss's PartitionSpecs a mesh, so the call sets it.
+    """
+
+    @functools.lru_cache(maxsize=8)
+    def compiled(treedef: Any, shardings: tuple[Any, ...]) -> Callable[..., Any]:
+        def step(params, opt_state, *rest):
+            out = mapped(params, opt_state, *rest)
+            leaves = jax.tree.leaves((out[0], out[1]))
+            kept = [
+                x if s is None else jax.lax.with_sharding_constraint(x, s)
+                for x, s in zip(leaves, shardings)
+            ]
+            return (*jax.tree.unflatten(treedef, kept), *out[2:])
+
+        return jax.jit(step, donate_argnums=(0, 1) if donate else ())
+
+    def jitted(params, opt_state):
+        leaves, treedef = jax.tree.flatten((params, opt_state))
+        return compiled(treedef, tuple(_named_sharding(x, mesh) for x in leaves))
+
+    context = (lambda: jax.set_mesh(mesh)) if one_replica else contextlib.nullcontext
+
+    def call(params, opt_state, *rest):
+        with _sharding_errors_explained(mesh, names), context():
+            return jitted(params, opt_state)(params, opt_state, *rest)
+
+    def lower(params, opt_state, *rest):
+        with _sharding_errors_explained(mesh, names), context():
+            return jitted(params, opt_state).lower(params, opt_state, *rest)
+
+    call.lower = lower
+    return call
 
 
 def _one_replica(body: Callable[..., Any], names: tuple[Hashable, ...]) -> Callable[..., Any]:
@@ -552,6 +583,132 @@ def _named_sharding(x: Any, mesh: Mesh) -> NamedSharding | None:
     if isinstance(sharding, NamedSharding) and sharding.mesh == mesh:
         return sharding
     return None
+
+
+def sampa_step(
+    loss_fn: LossFn,
+    tx: optax.GradientTransformation,
+    mesh: Mesh,
+    *,
+    axis_name: str = "data",
+    donate: bool = True,
+) -> Step:
+    """SAMPa's two gradients at the same time, on the two halves of a mesh axis.
+
+    ``tx`` is :func:`sam_optax.sampa` (its base optimizer inside). The axis's
+    2k devices split in two halves of k: the first takes
+    :math:`\nabla f(\tilde x_t)` on the previous batch, the second
+    :math:`\nabla f(y_{t+1})` on the current one, each half data-parallel
+    over its own devices (k shards of its batch), each device one gradient;
+    one all-reduce over the axis gives both halves' means, and every device
+    takes the base optimizer's step. A step then costs one gradient's time
+    on twice the devices (``benchmarks/sampa.py``), and equals
+    :func:`sam_optax.sampa`'s one-device form, which takes the two in
+    sequence, to float rounding. Params and state are replicated over the
+    axis; on a mesh with more axes (data x model) only ``axis_name`` is
+    manual and the params keep their shardings over the others (as in
+    :func:`shard_map_step`).
+
+    Args:
+      loss_fn: ``loss_fn(params, batch, *args) -> loss``, the mean loss of a batch.
+      tx: ``sam_optax.sampa(base, rho, lam)`` (without ``axis_name``).
+      mesh: the device mesh.
+      axis_name: the mesh axis whose two halves take the two gradients; its
+        size must be even.
+      donate: donate params and optimizer state (as in :func:`shard_map_step`).
+
+    Returns:
+      ``step(params, opt_state, batch, *args, previous_batch=None) ->
+      (params, opt_state, loss)``: ``previous_batch`` is the last step's batch
+      (``None``: ``batch``, as at the first step); ``loss`` is
+      :math:`f(\tilde x_t)` on it, the loss SAM's perturbed pass sees.
+      ``step.lower(...)`` lowers it.
+
+    Raises:
+      ValueError: when the step is built, for an axis of odd size or one not
+        in the mesh; at the first call, for a ``tx`` that is not ``sampa``
+        or a batch that does not split over a half.
+    """
+    if not isinstance(axis_name, str) or axis_name not in mesh.axis_names:
+        raise ValueError(
+            f"sampa_step: axis_name must name one axis of the mesh {mesh.axis_names}, got "
+            f"axis_name={axis_name!r}."
+        )
+    size = mesh.shape[axis_name]
+    if size % 2:
+        raise ValueError(
+            f"sampa_step: the axis {axis_name!r} has {size} device(s); its two halves take "
+            "SAMPa's two gradients, so its size must be even (2 or more devices per pair: "
+            f"jax.make_mesh((2 * k, ...), ({axis_name!r}, ...)))."
+        )
+    if jax.process_count() > 1:
+        raise ValueError(
+            "sampa_step runs in one process: the two batches are laid out over the pair "
+            "axis here; with jax.distributed use sam_optax.sampa(base, axis_name=...) under "
+            "shard_map_step, which takes the two gradients in sequence."
+        )
+    half = size // 2
+    manual = {axis_name} if len(mesh.axis_names) > 1 else None
+    names = (axis_name,)
+
+    def body(params, opt_state, batch, args):
+        def value_fn(p):
+            return loss_fn(p, batch, *args)
+
+        zeros = jax.tree.map(jnp.zeros_like, params)  # not read: sampa takes its gradients
+        updates, opt_state = tx.update(
+            zeros, opt_state, params, value_fn=value_fn, pair_axis=axis_name
+        )
+        _check_updates_averaged(updates, _axes.manual_axes(names))
+        params = optax.apply_updates(params, updates)
+        return params, opt_state, optax.tree.get(opt_state, "perturbed_loss")
+
+    mapped = jax.shard_map(
+        body,
+        mesh=mesh,
+        in_specs=(P(), P(), P(axis_name), P()),
+        out_specs=P(),
+        **({"axis_names": manual} if manual else {}),
+    )
+    compiled = _jit_on_mesh(mapped, mesh, names, donate)
+    in_flight = _StepsInFlight(mesh.devices)
+
+    def arguments(opt_state, batch, previous_batch):
+        if not any(
+            isinstance(x, SAMPaMemory)
+            for x in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, SAMPaMemory))
+        ):
+            raise ValueError(
+                "sampa_step takes the state of sam_optax.sampa(base, rho, lam) as tx: got a "
+                "state without SAMPa's memory. Build tx = sam_optax.sampa(optax.sgd(lr, "
+                "momentum=0.9), rho=0.1, lam=0.2)."
+            )
+        previous = batch if previous_batch is None else previous_batch
+        for which, b in (("batch", batch), ("previous_batch", previous)):
+            n = _groups.batch_size(b)
+            if n % half:
+                raise ValueError(
+                    f"sampa_step: {which} has {n} examples, which do not split over the {half} "
+                    f"devices of each half of axis {axis_name!r}."
+                )
+        return jax.tree.map(lambda a, b: jnp.concatenate([a, b]), previous, batch)
+
+    def step(params, opt_state, batch, *args, previous_batch=None):
+        pair = arguments(opt_state, batch, previous_batch)
+        if donate:
+            _check_not_donated(params, opt_state)
+        in_flight.wait()
+        out = compiled(params, opt_state, pair, tuple(args))
+        in_flight.add(out[2])
+        return out
+
+    def lower(params, opt_state, batch, *args, previous_batch=None):
+        return compiled.lower(
+            params, opt_state, arguments(opt_state, batch, previous_batch), tuple(args)
+        )
+
+    step.lower = lower
+    return step
 
 
 def pmap_step(

@@ -92,6 +92,10 @@ _MOMENT_ONLY = (
     "sync_perturbation", "cosine", "seed",
 )  # fmt: skip
 
+_GRADIENT_ONLY = (
+    "adaptive", "eta", "ascent_steps", "second_order", "direction", "sync_perturbation",
+)  # fmt: skip
+
 # scratch: g and g_SAM together (GSAM, WSAM, LookSAM's SAM steps); g alive
 # through the branch (RST, AE-SAM); g and the direction g - sigma m while m is
 # updated in place (F-SAM); g and its kept leaves (ESAM with beta < 1).
@@ -112,6 +116,14 @@ METHODS = [
     ),
     Method("msam", wraps=True, refuses=_MOMENT_ONLY, scratch=0.1),
     Method("wsam", {"gamma": 0.7, "learning_rate": 0.05}, wraps=True, scratch=1.05),
+    Method(
+        "sampa",
+        {"lam": 0.3},
+        wraps=True,
+        stored=1,
+        refuses=(*_GRADIENT_ONLY, "cosine", "seed"),
+        scratch=1.05,
+    ),
 ]
 BY_NAME = {m.name: m for m in METHODS}
 

@@ -27,6 +27,7 @@ from references import gsam as ref_gsam
 from references import looksam as ref_looksam
 from references import msam as ref_msam
 from references import samon as ref_samon
+from references import sampa as ref_sampa
 from references import torch_optim as ref_torch_optim
 from references import vasso as ref_vasso
 from references import wsam as ref_wsam
@@ -376,6 +377,51 @@ def test_sam_on_is_the_authors_code(minimizer):
     _assert_same_trajectory(_run(tx, _batches(), _params0()), want)
 
 
+# --------------------------------------------------------------------------
+# SAMPa: LIONS-EPFL/SAMPa.
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "momentum, wd, rho, lam",
+    [(0.9, 5e-4, 0.1, 0.2), (0.0, 0.0, 0.1, 0.2), (0.9, 5e-4, 0.3, 0.4), (0.9, 0.0, 0.2, 0.5)],
+    ids=["defaults", "plain-sgd", "other-rho-lam", "momentum-only"],
+)
+def test_sampa_is_the_authors_code(momentum, wd, rho, lam):
+    """LIONS-EPFL/SAMPa @ 01093ef (train.py run, utility.py): references/sampa.py.
+
+    Rank 0's gradient on the previous batch (``previous_value_fn``), rank 1's on the
+    current one; torch SGD with momentum and decay; the per-epoch cosine learning rate.
+    """
+    lrs = ref_sampa.epoch_lrs(0.1, epochs=2, steps_per_epoch=STEPS // 2)
+    batches = _batches()
+    want = ref_sampa.trajectory(
+        _params0(), batches, _numpy_loss_and_grad,
+        lr=lrs, rho=rho, lam=lam, momentum=momentum, weight_decay=wd,
+    )  # fmt: skip
+    base = optax.chain(optax.add_decayed_weights(wd), optax.sgd(_per_step(lrs), momentum=momentum))
+    tx = sam_optax.sampa(base, rho, lam)
+
+    @jax.jit
+    def step(params, state, now, before):
+        def loss(batch):
+            return lambda p: jnp.mean(_per_example(p, *batch))
+
+        grads = jax.grad(loss(now))(params)  # not read by sampa: XLA drops it
+        updates, state = tx.update(
+            grads, state, params, value_fn=loss(now), previous_value_fn=loss(before)
+        )
+        return optax.apply_updates(params, updates), state
+
+    params = [jnp.asarray(w) for w in _params0()]
+    state, got = tx.init(params), []
+    as_jax = [tuple(jnp.asarray(a) for a in b) for b in batches]
+    for t, now in enumerate(as_jax):
+        params, state = step(params, state, now, as_jax[max(t - 1, 0)])
+        got.append([np.asarray(w) for w in params])
+    _assert_same_trajectory(got, want)
+
+
 def test_the_references_are_not_the_library():
     # The re-expressions import numpy only: a bug in sam_optax cannot hide in both.
     import inspect
@@ -389,6 +435,7 @@ def test_the_references_are_not_the_library():
         ref_looksam,
         ref_msam,
         ref_samon,
+        ref_sampa,
         ref_torch_optim,
         ref_vasso,
         ref_wsam,
