@@ -444,7 +444,10 @@ def shard_map_step(
             )
 
         # Without shard_map (one replica) the loss's PartitionSpecs need the mesh in context.
-        return _jit_on_mesh(mapped, mesh, names, donate, one_replica=replicas == 1 and manual)
+        one = replicas == 1 and bool(manual)
+        return _jit_on_mesh(
+            mapped, mesh, names, donate, one_replica=one, batch_spec=None if one else data_spec
+        )
 
     return _build_step(
         loss_fn,
@@ -468,6 +471,7 @@ def _jit_on_mesh(
     names: tuple[Hashable, ...],
     donate: bool,
     one_replica: bool = False,
+    batch_spec: P | None = None,
 ) -> Callable[..., Any]:
     """``call(params, opt_state, *rest)``: ``mapped`` jitted, params and state kept where they were.
 
@@ -477,12 +481,21 @@ def _jit_on_mesh(
     sharding errors come back with the edit (:func:`_sharding_errors_explained`);
     ``call.lower(...)`` lowers the step. ``one_replica``: ``mapped`` has no
     ``shard_map`` to give the loss's PartitionSpecs a mesh, so the call sets it.
+    ``batch_spec``: the batch (the argument after the state) is placed so
+    first where a data axis is Explicit (``jax.make_mesh``'s default), which
+    ``shard_map`` requires of its inputs there; Auto axes reshard by
+    themselves.
     """
+    explicit = batch_spec is not None and any(
+        t == AxisType.Explicit for n, t in zip(mesh.axis_names, mesh.axis_types) if n in names
+    )
 
     @functools.lru_cache(maxsize=8)
     def compiled(treedef: Any, shardings: tuple[Any, ...]) -> Callable[..., Any]:
-        def step(params, opt_state, *rest):
-            out = mapped(params, opt_state, *rest)
+        def step(params, opt_state, batch, *rest):
+            if explicit:
+                batch = jax.sharding.reshard(batch, NamedSharding(mesh, batch_spec))
+            out = mapped(params, opt_state, batch, *rest)
             leaves = jax.tree.leaves((out[0], out[1]))
             kept = [
                 x if s is None else jax.lax.with_sharding_constraint(x, s)
@@ -670,7 +683,7 @@ def sampa_step(
         out_specs=P(),
         **({"axis_names": manual} if manual else {}),
     )
-    compiled = _jit_on_mesh(mapped, mesh, names, donate)
+    compiled = _jit_on_mesh(mapped, mesh, names, donate, batch_spec=P(axis_name))
     in_flight = _StepsInFlight(mesh.devices)
 
     def arguments(opt_state, batch, previous_batch):

@@ -220,3 +220,31 @@ def test_sync_axes_must_be_among_axis_name():
         sam_optax.sam(0.1, axis_name="data", sync_perturbation="model")
     with pytest.raises(ValueError, match="needs axis_name"):
         sam_optax.sam(0.1, sync_perturbation="sync")
+
+
+@pytest.mark.parametrize("kind", [AxisType.Auto, AxisType.Explicit], ids=["auto", "explicit"])
+def test_meshes_as_make_mesh_makes_them_take_an_unplaced_batch(kind):
+    # jax.make_mesh gives Explicit axes by default: shard_map wants its inputs
+    # placed there; the builders place the batch themselves, on both kinds.
+    params, loss, batch = _mlp(np.random.default_rng(3))
+    params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)
+    batch = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), batch)
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(kind,))
+    results = []
+    for builder in (parallel.shard_map_step, parallel.sampa_step):
+        method = (
+            sam_optax.sam(RHO, axis_name="data") if builder is parallel.shard_map_step else None
+        )
+        tx = optax.chain(method, optax.sgd(LR)) if method else sam_optax.sampa(optax.sgd(LR))
+        step = builder(loss, tx, mesh, donate=False)
+        out = step(params, tx.init(params), batch)  # neither placed
+        results.append(out[0])
+    want = _grouped_f32(params, loss, batch)
+    assert_trees_close(results[0], want, rtol=1e-5, atol=1e-6)
+    assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(results[1]))
+
+
+def _grouped_f32(params, loss, batch):
+    tx = optax.chain(sam_optax.sam(RHO), optax.sgd(LR))
+    step = parallel.grouped_step(loss, tx, group_size=batch[0].shape[0] // 8, donate=False)
+    return step(params, tx.init(params), batch)[0]
