@@ -633,7 +633,11 @@ def nnx_normalization_mask(
     module of ``types`` in ``model``, ``False`` elsewhere. Mueller et al.
     find that perturbing only these, with a larger radius, matches or beats
     SAM; their code perturbs the params whose name contains ``norm`` or
-    ``bn`` (mueller-mp/SAM-ON).
+    ``bn`` (mueller-mp/SAM-ON). ``sam(rho, mask=..., adaptive=...)`` with this
+    mask reproduces their runs with ``--elementwise --normalize_bias``
+    (``tests/test_authors.py``); without ``--normalize_bias``, their
+    default, their ASAM-ON leaves the bias unscaled, which ``adaptive=True``
+    (the scale on every perturbed leaf) cannot express.
 
     Examples:
       >>> import jax, optax, sam_optax

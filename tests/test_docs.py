@@ -196,4 +196,8 @@ def test_every_public_name_is_in_an_autosummary_table():
 
 
 if __name__ == "__main__":
+    # 8 CPU devices, as the pages say their multi-device examples run (and the suite does).
+    import jax
+
+    jax.config.update("jax_num_cpu_devices", 8)
     run_page(Path(sys.argv[1]))
