@@ -50,6 +50,7 @@ METHODS = {
     "F-SAM": lambda base: optax.chain(sam_optax.fsam(RHO, 1.0), base),
     "VaSSO": lambda base: optax.chain(sam_optax.vasso(RHO, 0.9), base),
     "WSAM": lambda base: sam_optax.wsam(base, RHO, 0.9, learning_rate=LR),
+    "SAMPa (one device)": lambda base: sam_optax.sampa(base, RHO),
 }
 GRADIENTS = {"SGD": 1.0, "MSAM": 1.0}
 

@@ -75,6 +75,7 @@ METHODS: dict[str, Callable[[optax.GradientTransformation], optax.GradientTransf
     "esam(beta=0.5, gamma=0.5)": lambda b: optax.chain(sam_optax.esam(RHO, 0.5, 0.5), b),
     "msam": lambda b: sam_optax.msam(b, RHO),
     "wsam": lambda b: sam_optax.wsam(b, RHO, learning_rate=LR),
+    "sampa (one device)": lambda b: sam_optax.sampa(b, RHO),
 }
 GROUPS = (2, 4, 8, 16)
 
