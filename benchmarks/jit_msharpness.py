@@ -77,8 +77,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10)
     args = parser.parse_args()
     init, make, loss = MODELS[args.model]
-    n = len(jax.devices())
-    mesh = jax.make_mesh((n,), ("data",), axis_types=(AxisType.Auto,))
+    n = min(len(jax.devices()), 8)
+    if n < 2:
+        print("jit_msharpness.py: needs 2 or more devices")
+        return
+    mesh = jax.make_mesh((n,), ("data",), axis_types=(AxisType.Auto,), devices=jax.devices()[:n])
     params, batch = init(jax.random.key(0)), make(jax.random.key(1))
     tx = optax.chain(sam_optax.sam(RHO, axis_name="data"), optax.sgd(LR, momentum=0.9))
     steps = {

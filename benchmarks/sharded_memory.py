@@ -117,7 +117,12 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--batch", type=int, default=1024)
     args = parser.parse_args()
-    mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(AxisType.Auto,) * 2)
+    if len(jax.devices()) < 8:
+        print(f"sharded_memory.py: needs 8 devices for its 2 x 4 mesh, found {len(jax.devices())}")
+        return
+    mesh = jax.make_mesh(
+        (2, 4), ("data", "model"), axis_types=(AxisType.Auto,) * 2, devices=jax.devices()[:8]
+    )
     adamw = lambda: optax.adamw(1e-3)  # noqa: E731
     methods = {
         "AdamW": (adamw(), "plain"),
