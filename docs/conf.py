@@ -124,6 +124,9 @@ myst_enable_extensions = ["amsmath", "colon_fence", "deflist", "dollarmath"]
 myst_heading_anchors = 3
 nb_execution_mode = "off"  # rendered from the committed outputs
 nb_merge_streams = True
+# Markdown a cell displays (the notebooks' result tables) is rendered as MyST,
+# with tables; myst-nb's default, CommonMark, showed them as raw pipes.
+nb_render_markdown_format = "myst"
 
 # -- HTML ----------------------------------------------------------------------
 
@@ -137,7 +140,9 @@ html_theme_options = {
     # unless told not to; the sidebar has one.
     "navbar_persistent": [],
 }
-html_static_path: list[str] = []
+html_static_path = ["_static"]
+# Wide code and outputs wrap at the page's width instead of scrolling sideways.
+html_css_files = ["wrap.css"]
 html_show_sourcelink = False
 
 

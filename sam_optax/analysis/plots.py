@@ -32,7 +32,9 @@ def plot_landscape_2d(alphas, betas, losses, *, ax: Any = None, levels: int = 20
     cs = ax.contour(
         np.asarray(alphas), np.asarray(betas), np.asarray(losses).T, levels=levels, **kwargs
     )
-    ax.clabel(cs, inline=True, fontsize=7, fmt="%.2f")
+    # Every other level labelled, at most five: labels on every contour crowd the corners.
+    labelled = cs.levels[:: max(1, -(-len(cs.levels) // 5))]
+    ax.clabel(cs, labelled, inline=True, fontsize=9, fmt="%.2f")
     ax.set_xlabel("α")
     ax.set_ylabel("β")
     ax.set_aspect("equal")
