@@ -25,8 +25,6 @@
 # (3) a tour of the options of `sam`.
 
 # %%
-import os
-
 import jax
 import jax.numpy as jnp
 import matplotlib.pyplot as plt
@@ -35,8 +33,13 @@ import optax
 
 import sam_optax
 
-FAST = os.environ.get("SAM_OPTAX_FAST") == "1"  # the test suite runs a shrunk version
-print("jax", jax.__version__, "| fast mode" if FAST else "| full run")
+print("jax", jax.__version__)
+
+# %% tags=["remove-cell"]
+# The test suite runs a shrunk version of this notebook (not shown in the docs).
+import os
+
+FAST = os.environ.get("SAM_OPTAX_FAST") == "1"
 
 # %% [markdown]
 # ## 1. A sharp and a flat minimum
