@@ -335,6 +335,29 @@ def test_a_signal_stops_the_run_with_a_checkpoint_of_that_step(signum, tmp_path)
         train.train_and_evaluate(config, out, RunOptions(resume=True, stop=_StopAfter(0)))
 
 
+@pytest.mark.slow
+def test_a_reader_that_stops_reading_ends_the_run_quietly(tmp_path):
+    # `sam-optax train | head -3`: the epoch lines meet a closed pipe.
+    out = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sam_optax", "train", "--epochs", "30", "--out", str(out)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout.readline().startswith("sam-optax train --epochs 30")
+        proc.stdout.close()
+        err = proc.stderr.read()
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+    assert proc.returncode == 128 + signal.SIGPIPE and err == "", err
+    assert not (out / ".lock").exists()
+
+
 def test_epoch_lines_unless_the_progress_bars_show_on_a_terminal(monkeypatch):
     def options(stdout, stderr, *flags):
         monkeypatch.setattr(sys, "stdout", stdout)
