@@ -358,6 +358,18 @@ def test_a_reader_that_stops_reading_ends_the_run_quietly(tmp_path):
     assert not (out / ".lock").exists()
 
 
+def test_without_jax_preemption_service_a_distributed_run_does_not_stop(monkeypatch):
+    # reached_preemption_sync_point raises without the service: no crash, no stop.
+    monkeypatch.setattr(jax.distributed, "is_initialized", lambda: True)
+    stop = threading.Event()
+    stop.set()
+    jax.config.update("jax_enable_preemption_service", False)
+    try:
+        assert train._stop_signal(RunOptions(stop=stop), 5) is None
+    finally:
+        jax.config.update("jax_enable_preemption_service", True)
+
+
 def test_epoch_lines_unless_the_progress_bars_show_on_a_terminal(monkeypatch):
     def options(stdout, stderr, *flags):
         monkeypatch.setattr(sys, "stdout", stdout)
@@ -734,8 +746,18 @@ def test_analyze_on_a_comparison_lists_its_runs(finished_run, tmp_path, capsys):
         f"one of its 2 runs:\n  sam-optax analyze {out / 'runs' / names[0]}\n"
         f"  sam-optax analyze {out / 'runs' / names[1]}\n"
     )
-    listed = re.findall(r"^  (sam-optax analyze .+)$", err, re.M)
-    fast = ["--examples", "64", "--iterations", "6", "--no-plots"]
-    assert cli.main([*shlex.split(listed[0])[1:], *fast]) == 0
     assert cli.main(["analyze", str(tmp_path / "nowhere")]) == 2
     assert "no such directory" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_run_of_a_comparison_analyzes_as_listed(finished_run, tmp_path, capsys):
+    out = tmp_path / "cmp"
+    (out / "runs").mkdir(parents=True)
+    (out / "compare.json").write_text("{}")
+    shutil.copytree(finished_run, out / "runs" / "sam-rho0.2-m8-e1-seed0")
+    assert cli.main(["analyze", str(out)]) == 2
+    (listed,) = re.findall(r"^  (sam-optax analyze .+)$", capsys.readouterr().err, re.M)
+    fast = ["--examples", "64", "--iterations", "6", "--no-plots"]
+    assert cli.main([*shlex.split(listed)[1:], *fast]) == 0
+    assert (out / "runs" / "sam-rho0.2-m8-e1-seed0" / "analysis" / "analysis.json").is_file()

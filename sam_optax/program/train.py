@@ -185,6 +185,8 @@ def _stop_signal(options: RunOptions, global_step: int) -> int | None:
     signum = getattr(options.stop, "signum", signal.SIGINT) if local else 0
     if not jax.distributed.is_initialized():
         return signum if local else None
+    if not jax.config.jax_enable_preemption_service:
+        return None  # no service to agree on a step: no stop (docs/guide/program.md)
     from jax.experimental import multihost_utils
 
     return signum if multihost_utils.reached_preemption_sync_point(global_step) else None
