@@ -1,6 +1,7 @@
 """The ``sam-optax`` program: models, augmentation, CLI errors, smoke runs, resume."""
 
 import json
+import re
 
 import jax
 import jax.numpy as jnp
@@ -237,6 +238,21 @@ def test_compare_smoke(tmp_path, capsys):
     md = (out / "results.md").read_text()
     assert "| SAM | 0.1 |" in md and "| SGD | 0 |" in md and "±" in md
     assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # Issue 26, item 15: the SGD row reported is the unit of the epoch times;
+    # the columns are explained; the last line names everything written.
+    (sgd,) = [r for r in results["table"] if r["optimizer"] == "sgd"]
+    assert sgd["cost_vs_sgd"] == 1.0 and re.search(r"\| SGD \| 0 \|.*\| 1\.00 \| 1\.00 \| - \|", md)
+    assert "divided by that of the SGD row above" in md and "the share of SAM's gain" in md
+    printed = capsys.readouterr().out
+    wrote = printed.strip().splitlines()[-1]
+    assert wrote.startswith(f"Wrote in {out}: compare.json (the grid), runs/ (")
+    for entry in out.iterdir():
+        assert entry.name + ("/" if entry.is_dir() else "") + " (" in wrote, entry
+    # The settings printed: those the runs use, the grid on a line of its own.
+    assert (
+        "grid: SGD (rho 0, at 1x and 2x the epochs), sam at --rho 0.1; seeds 0,1: 6 runs" in printed
+    )
+    assert "gsam_alpha" not in printed and not re.search(r"^  [ *] seed ", printed, re.M)
     # resuming a finished comparison reuses every run, with its own grid and settings
     resume = ["compare", "--out", str(out), "--resume", "--no-progress"]
     assert cli.main(resume) == 0

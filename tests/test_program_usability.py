@@ -7,6 +7,8 @@ import io
 import json
 import os
 import re
+import shlex
+import shutil
 import signal
 import stat
 import subprocess
@@ -28,7 +30,10 @@ from sam_optax.program import models
 from sam_optax.program import train
 from sam_optax.program import trainer
 from sam_optax.program.errors import Interrupted
+from sam_optax.program.errors import RunDirError
 from sam_optax.program.errors import UsageError
+from sam_optax.program.rundir import clear_for_overwrite
+from sam_optax.program.rundir import lock_directory
 from sam_optax.program.rundir import restore_final
 from sam_optax.program.rundir import write_atomic
 from sam_optax.program.train import RunOptions
@@ -125,7 +130,7 @@ def test_missing_extra_is_named_with_the_pip_command(monkeypatch, capsys):
     err = capsys.readouterr().err
     assert "Traceback" not in err
     assert "missing here: flax, tqdm." in err
-    assert "pip install 'sam-optax[program]'" in err
+    assert f"Install it with: pip install -e '{Path(__file__).parent.parent}[program]'" in err
 
 
 def test_the_extra_checked_is_the_packages_own_program_extra():
@@ -243,15 +248,20 @@ def test_a_stopped_run_keeps_its_checkpoint_and_resumes_with_its_own_settings(tm
     kept = sorted(int(p.name) for p in (full / "checkpoints").iterdir() if p.name.isdigit())
     assert kept == [40, 42]
     stopped = RunOptions(checkpoint_every=5, stop=_StopAfter(33))
-    message = r"stopped at step 33 of 42 \(epoch 2 of 2\); the last checkpoint \(step 30\) is in "
+    # Issue 26, item 10: the steps since the last checkpoint (30) are kept: a
+    # checkpoint of the step the run stopped at.
+    message = (
+        r"stopped by Ctrl-C \(SIGINT\) at step 33 of 42 \(epoch 2 of 2\); "
+        r"its checkpoint \(step 33\) is in "
+    )
     with pytest.raises(Interrupted, match=message):
         train.train_and_evaluate(c, cut, stopped)
     assert not (cut / "summary.json").exists() and not (cut / ".lock").exists()
-    assert int(restore_final(cut)["meter"]["counts"]["loss"]) == 30 - 21  # intact, mid-epoch
+    assert int(restore_final(cut)["meter"]["counts"]["loss"]) == 33 - 21  # intact, mid-epoch
     # Resumed from the command line with no setting: the run's own (2 epochs,
-    # not the recipe's 40), and it says where it goes on from.
+    # not the recipe's 40), and it says where it goes on from: the very step.
     assert cli.main(["train", "--out", str(cut), "--resume", "--no-progress"]) == 0
-    assert f"resuming {cut} at step 30 of 42 (epoch 2, step 9 of 21)" in capsys.readouterr().out
+    assert f"resuming {cut} at step 33 of 42 (epoch 2, step 12 of 21)" in capsys.readouterr().out
     a, b = restore_final(full), restore_final(cut)
     del a["wall_seconds"], b["wall_seconds"]
     assert_trees_equal(b, a)
@@ -265,49 +275,113 @@ def test_a_stopped_run_keeps_its_checkpoint_and_resumes_with_its_own_settings(tm
 
 
 @pytest.mark.slow
-def test_ctrl_c_prints_two_lines_exits_130_and_keeps_the_last_checkpoint(tmp_path):
+# preexec_fn forks a process that runs jax's threads: jax warns; the child runs
+# signal.signal alone before exec.
+@pytest.mark.filterwarnings("ignore:os.fork:RuntimeWarning")
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_stops_the_run_with_a_checkpoint_of_that_step(signum, tmp_path):
+    # Issue 26, items 10 and 11: `python -m sam_optax` in a process of its own,
+    # stdout a pipe (not a terminal): a line per epoch arrives while it runs;
+    # Ctrl-C (SIGINT) or a cluster's SIGTERM then stops it within a second,
+    # exit 128 + the signal, with a checkpoint of the step it stopped at.
     out = tmp_path / "run"
-    argv = ["train", "--epochs", "60", "--checkpoint-every", "5", "--out", str(out)]
-    # `python -m sam_optax ARGV`, with Python's own SIGINT handler put back first: a
-    # background job of a non-interactive shell (CI, this test's own runner)
-    # starts with SIGINT ignored, and then Python installs none.
-    entry = (
-        "import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
-        "sys.argv[0] = 'sam-optax'; runpy.run_module('sam_optax', run_name='__main__')"
-    )
+    argv = ["train", "--epochs", "60", "--out", str(out)]
     proc = subprocess.Popen(
-        [sys.executable, "-c", entry, *argv],
-        stdout=subprocess.DEVNULL,
+        [sys.executable, "-m", "sam_optax", *argv],
+        stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # A background job of a non-interactive shell (CI, this test's own
+        # runner) starts with SIGINT ignored, and Python then installs no handler.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
-        deadline = time.time() + 180
-        while not any(p.name.isdigit() for p in (out / "checkpoints").glob("*")):
-            assert time.time() < deadline and proc.poll() is None, "no checkpoint was written"
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=120)
+        lines = []
+        while not (lines and lines[-1].startswith("epoch 2/60: train loss")):
+            lines.append(proc.stdout.readline())
+            assert lines[-1], "".join(lines) + proc.stderr.read()
+        assert proc.poll() is None, "the epoch lines came only at the end"
+        sent = time.monotonic()
+        proc.send_signal(signum)
+        rest, err = proc.communicate(timeout=120)
+        took = time.monotonic() - sent
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait(timeout=30)
-    assert proc.returncode == 130, err
+    assert proc.returncode == 128 + signum, err
+    assert took < 30, took  # the step it was at, a checkpoint, the exit (a busy machine)
     assert "Traceback" not in err and "ERROR" not in err
     first, second = err.strip().splitlines()
+    name = {signal.SIGINT: r"Ctrl-C \(SIGINT\)", signal.SIGTERM: "SIGTERM"}[signum]
     found = re.fullmatch(
-        r"sam-optax: stopped at step (\d+) of 1260 \(epoch \d+ of 60\); "
-        r"the last checkpoint \(step (\d+)\) is in (.+)\.",
+        rf"sam-optax: stopped by {name} at step (\d+) of 1260 \(epoch \d+ of 60\); "
+        r"its checkpoint \(step (\d+)\) is in (.+)\.",
         first,
     )
-    assert found and found.group(3) == str(out / "checkpoints"), first
+    assert found and found.group(1) == found.group(2), first
+    assert found.group(3) == str(out / "checkpoints"), first
     assert second == f"sam-optax: continue with: sam-optax train --out {out} --resume"
-    assert int(found.group(2)) <= int(found.group(1)) < 1260
+    stopped_at = int(found.group(1))
+    assert 42 <= stopped_at < 1260 and "epoch 60/60" not in rest
     latest = max(int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit())
-    assert latest == int(found.group(2))
+    assert latest == stopped_at
     state = restore_final(out)  # reads back whole
     assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(state["params"]))
     assert not (out / ".lock").exists() and not (out / "summary.json").exists()
+    # --resume goes on from that very step (stopped again before its first step here).
+    config = configs.Config.from_dict(json.loads((out / "config.json").read_text()))
+    with pytest.raises(Interrupted, match=rf"at step {stopped_at} of 1260"):
+        train.train_and_evaluate(config, out, RunOptions(resume=True, stop=_StopAfter(0)))
+
+
+@pytest.mark.slow
+def test_a_reader_that_stops_reading_ends_the_run_quietly(tmp_path):
+    # `sam-optax train | head -3`: the epoch lines meet a closed pipe.
+    out = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sam_optax", "train", "--epochs", "30", "--out", str(out)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout.readline().startswith("sam-optax train --epochs 30")
+        proc.stdout.close()
+        err = proc.stderr.read()
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+    assert proc.returncode == 128 + signal.SIGPIPE and err == "", err
+    assert not (out / ".lock").exists()
+
+
+def test_without_jax_preemption_service_a_distributed_run_does_not_stop(monkeypatch):
+    # reached_preemption_sync_point raises without the service: no crash, no stop.
+    monkeypatch.setattr(jax.distributed, "is_initialized", lambda: True)
+    stop = threading.Event()
+    stop.set()
+    jax.config.update("jax_enable_preemption_service", False)
+    try:
+        assert train._stop_signal(RunOptions(stop=stop), 5) is None
+    finally:
+        jax.config.update("jax_enable_preemption_service", True)
+
+
+def test_epoch_lines_unless_the_progress_bars_show_on_a_terminal(monkeypatch):
+    def options(stdout, stderr, *flags):
+        monkeypatch.setattr(sys, "stdout", stdout)
+        monkeypatch.setattr(sys, "stderr", stderr)
+        o = cli._options(cli.build_parser().parse_args(["train", *flags]), None)
+        return o.progress, o.epoch_lines
+
+    pipe, tty = io.StringIO, _Terminal
+    assert options(pipe(), pipe()) == (False, True)  # a log file or CI: one line per epoch
+    assert options(tty(), tty()) == (True, False)  # a terminal: the progress bar
+    assert options(pipe(), tty()) == (True, True)  # `sam-optax train > log`: both
+    assert options(tty(), tty(), "--no-progress") == (False, True)
 
 
 # --------------------------------------------------------------------------
@@ -464,3 +538,226 @@ def test_a_mesh_larger_than_one_device_is_a_usage_error_not_a_crash(spec):
     config = configs.recipe("digits-noise").replace(mesh=spec)
     with pytest.raises(UsageError, match=r"--mesh .*1 device is here|--mesh .*the 1 device here"):
         configs.validate(config, n_devices=1)
+
+
+# --------------------------------------------------------------------------
+# Issue 26: a new user's report. Every refusal exits 2, names the flag or
+# file and the fix, and changes nothing in the run directory.
+# --------------------------------------------------------------------------
+
+
+def _snapshot(folder):
+    return {p: p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("finished") / "run"
+    assert cli.main(["train", "--epochs", "1", "--out", str(out), "--no-progress"]) == 0
+    return out
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ('{"rho": 0.2, ', "is not valid JSON (Expecting property name enclosed in double "
+         "quotes: line 1, column 14)"),
+        ('{"rho": "lots"}', """'rho' is "lots", expected a number (flag --rho)"""),
+        ('{"epochs": 2.5}', "'epochs' is 2.5, expected an integer (flag --epochs)"),
+        ('{"nesterov": "yes"}', """'nesterov' is "yes", expected true or false"""),
+        ('{"methd": "sam"}', "'methd' is no setting (did you mean 'method'?)"),
+        ('{"rho": -1}', "'rho' must be >= 0, got -1.0"),
+        ('{"method": "samm"}', "'method': unknown 'samm' (did you mean 'sam'?)"),
+        ("[1, 2]", "expected a JSON object of settings, got list"),
+    ],
+)  # fmt: skip
+def test_a_corrupt_config_json_is_named_with_the_field_and_the_fix(
+    text, expected, finished_run, tmp_path, capsys
+):
+    # Issue 26, item 2: a raw JSONDecodeError or ValueError traceback before.
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    (run / "summary.json").unlink()
+    (run / "config.json").write_text(text)
+    before = _snapshot(run)
+    config_file = run / "config.json"
+    for argv in (["train", "--out", str(run), "--resume"], ["analyze", str(run)],
+                 ["train", "--config", str(config_file), "--out", str(tmp_path / "new")]):  # fmt: skip
+        assert cli.main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith(f"sam-optax: error: {config_file}") and expected in err, err
+        assert "Repair it" in err and "Traceback" not in err
+    assert _snapshot(run) == before
+    assert not (tmp_path / "new").exists()
+
+
+def test_a_corrupt_compare_json_is_named(tmp_path, capsys):
+    out = tmp_path / "cmp"
+    out.mkdir()
+    (out / "compare.json").write_text(
+        '{"base": {"rho": "lots"}, "methods": [], "rhos": [], "seeds": []}'
+    )
+    assert cli.main(["compare", "--out", str(out), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert f'{out / "compare.json"}, in "base": \'rho\' is "lots", expected a number' in err
+    (out / "compare.json").write_text("{")
+    assert cli.main(["compare", "--out", str(out), "--resume"]) == 2
+    assert "is not valid JSON" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["train", "compare"])
+def test_an_out_under_a_file_is_a_usage_error(command, tmp_path, capsys):
+    # Issue 26, item 3: a NotADirectoryError traceback from rundir.py before.
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("mine")
+    for out, expected in [
+        (a_file / "x", f"--out {a_file / 'x'} cannot be created: {a_file} is a file, not a directory; choose another --out."),
+        (a_file / "x" / "y", f"cannot be created: {a_file} is a file"),
+        (a_file, f"--out {a_file} is a file, not a directory; choose another --out"),
+    ]:  # fmt: skip
+        assert cli.main([command, "--epochs", "1", "--out", str(out), "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert expected in err and "Traceback" not in err, err
+    assert a_file.read_text() == "mine"
+
+
+def test_after_a_divergence_the_message_names_a_retry_that_works(tmp_path, capsys):
+    # Issue 26, item 12: the same --out was refused ("already exists ... pass
+    # --resume"), and --resume kept the bad --lr.
+    out = tmp_path / "run"
+    argv = ["train", "--epochs", "1", "--lr", "200", "--out", str(out), "--no-progress"]
+    assert cli.main(argv) == 3
+    err = capsys.readouterr().err
+    retry = re.search(r"replacing this run: (.+)\n", err).group(1)
+    assert retry == f"sam-optax train --epochs 1 --no-progress --lr 20 --out {out} --overwrite"
+    again = ["train", "--epochs", "1", "--lr", "20", "--out", str(out), "--no-progress"]
+    assert cli.main(again) == 2  # the obvious retry, refused as before, now names --overwrite
+    assert "--overwrite to replace it" in capsys.readouterr().err
+    assert cli.main(shlex.split(retry)[1:]) == 0
+    assert json.loads((out / "config.json").read_text())["lr"] == 20
+    assert json.loads((out / "summary.json").read_text())["epochs"] == 1
+    # --resume with another --lr names --overwrite too; a resumed run that
+    # diverges is retried from its own config.json.
+    assert cli.main(["train", "--out", str(out), "--resume", "--lr", "3"]) == 2
+    assert "with --overwrite instead of --resume" in capsys.readouterr().err
+    assert cli.main(["train", "--out", str(out), "--resume", "--overwrite"]) == 2
+    assert "pass one of them" in capsys.readouterr().err
+
+
+def test_overwrite_replaces_only_a_directory_of_sam_optax(tmp_path, capsys):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("keep me")
+    for command in ("train", "compare"):
+        assert cli.main([command, "--epochs", "1", "--out", str(mine), "--overwrite"]) == 2
+        assert "nothing was deleted" in capsys.readouterr().err
+    assert (mine / "thesis.tex").read_text() == "keep me"
+
+
+def test_overwrite_empties_a_comparison_unless_one_of_its_runs_is_in_use(tmp_path):
+    out = tmp_path / "cmp"
+    run = out / "runs" / "sam-rho0.2-m8-e1-seed0"
+    run.mkdir(parents=True)
+    (out / "compare.json").write_text("{}")
+    (run / "config.json").write_text("{}")
+    lock = lock_directory(run)  # as a process training that run holds it
+    try:
+        with pytest.raises(RunDirError, match="is in use by another sam-optax process"):
+            clear_for_overwrite(out, "compare.json")
+        assert (run / "config.json").is_file()
+    finally:
+        lock.release()
+    clear_for_overwrite(out, "compare.json")
+    assert list(out.iterdir()) == []
+
+
+def test_config_takes_a_saved_config_json_or_run_directory(finished_run, tmp_path, capsys):
+    # Issue 26, item 13: recipe names only before.
+    saved = configs.Config.from_dict(json.loads((finished_run / "config.json").read_text()))
+    for given in (finished_run, finished_run / "config.json"):
+        argv = ["train", "--config", str(given), "--lr", "0.1"]
+        name, config = cli.config_from_args(cli.build_parser().parse_args(argv))
+        assert name == str(given) and config == saved.replace(lr=0.1)
+    out = tmp_path / "again"
+    argv = [
+        "train",
+        "--config",
+        str(finished_run),
+        "--seed",
+        "1",
+        "--out",
+        str(out),
+        "--no-progress",
+    ]
+    assert cli.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert f"settings (from {finished_run}; * = changed by a flag):" in printed
+    assert re.search(r"\* seed\s+1", printed) and re.search(r"  epochs\s+1\n", printed)
+    # Issue 26, item 15: the settings this run uses (not GSAM's, ESAM's, ...).
+    assert "gsam_alpha" not in printed and "esam_beta" not in printed
+    assert "(13 settings that this run does not use are not shown)" in printed
+    assert configs.Config.from_dict(json.loads((out / "config.json").read_text())) == saved.replace(
+        seed=1
+    )
+    for given, expected in [
+        (tmp_path / "nope.json", f"--config {tmp_path / 'nope.json'}: no such file."),
+        (tmp_path, "a directory without config.json"),
+        ("nope", "or the path of a saved config.json"),
+    ]:
+        assert cli.main(["train", "--config", str(given), "--out", str(tmp_path / "x")]) == 2
+        assert expected in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_the_install_hint_works_where_the_package_came_from(monkeypatch, tmp_path):
+    # Issue 26, item 9: `pip install 'sam-optax[program]'` fails from a clone
+    # (PyPI has no sam-optax); the clone's own path works from anywhere.
+    root = Path(__file__).parent.parent
+    assert cli.install_hint() == f"pip install -e '{root}[program]'"  # this clone
+    # Installed into site-packages (no sam-optax pyproject.toml above the
+    # package): pip reads the extra from the installed package's metadata.
+    monkeypatch.setattr(cli, "PACKAGE_PARENT", tmp_path / "site-packages")
+    assert cli.install_hint() == "pip install 'sam-optax[program]'"
+    (tmp_path / "site-packages").mkdir()
+    (tmp_path / "site-packages" / "pyproject.toml").write_text('[project]\nname = "other"\n')
+    assert cli.install_hint() == "pip install 'sam-optax[program]'"
+    # Run from a clone, not installed at all: the extra read from its pyproject.toml.
+    monkeypatch.setattr(cli, "PACKAGE_PARENT", root)
+    monkeypatch.setattr(cli, "_installed", lambda: None)
+    pyproject = tomllib.loads((root / "pyproject.toml").read_text())
+    declared = pyproject["project"]["optional-dependencies"]["program"]
+    assert cli.program_requirements() == [re.match(r"[A-Za-z0-9._-]+", r).group() for r in declared]
+    monkeypatch.setattr(cli, "PACKAGE_PARENT", tmp_path)
+    assert cli.program_requirements() == []  # nothing to read: nothing checked
+
+
+def test_analyze_on_a_comparison_lists_its_runs(finished_run, tmp_path, capsys):
+    # Issue 26, item 14: "not a run directory" before.
+    out = tmp_path / "cmp"
+    (out / "runs").mkdir(parents=True)
+    (out / "compare.json").write_text("{}")
+    names = ["sam-rho0.2-m8-e1-seed0", "sgd-rho0-mall-e1-seed0"]
+    for name in names:
+        shutil.copytree(finished_run, out / "runs" / name)
+    assert cli.main(["analyze", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        f"sam-optax: error: {out} is a comparison (`sam-optax compare`), not one run; analyze "
+        f"one of its 2 runs:\n  sam-optax analyze {out / 'runs' / names[0]}\n"
+        f"  sam-optax analyze {out / 'runs' / names[1]}\n"
+    )
+    assert cli.main(["analyze", str(tmp_path / "nowhere")]) == 2
+    assert "no such directory" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_run_of_a_comparison_analyzes_as_listed(finished_run, tmp_path, capsys):
+    out = tmp_path / "cmp"
+    (out / "runs").mkdir(parents=True)
+    (out / "compare.json").write_text("{}")
+    shutil.copytree(finished_run, out / "runs" / "sam-rho0.2-m8-e1-seed0")
+    assert cli.main(["analyze", str(out)]) == 2
+    (listed,) = re.findall(r"^  (sam-optax analyze .+)$", capsys.readouterr().err, re.M)
+    fast = ["--examples", "64", "--iterations", "6", "--no-plots"]
+    assert cli.main([*shlex.split(listed)[1:], *fast]) == 0
+    assert (out / "runs" / "sam-rho0.2-m8-e1-seed0" / "analysis" / "analysis.json").is_file()

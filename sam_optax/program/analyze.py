@@ -16,6 +16,7 @@ spectral density as PNGs. Everything lands in ``RUN_DIR/analysis/``.
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -41,10 +42,10 @@ def _load_run(run_dir: Path, examples: int):
     and its final params and BatchNorm statistics."""
     config_file = run_dir / "config.json"
     if not config_file.is_file():
-        raise RunDirError(
-            f"{run_dir} is not a run directory of `sam-optax train` (no config.json)."
-        )
-    config = configs.Config.from_dict(json.loads(config_file.read_text()))
+        raise RunDirError(_not_a_run(run_dir))
+    config = configs.read_config(
+        config_file, "Repair it (it holds the run's settings, as `sam-optax train` wrote them)."
+    )
     dataset = input_pipeline.load(config.dataset, config.data_dir)
     y = dataset.y_train
     if config.label_noise > 0:
@@ -55,6 +56,20 @@ def _load_run(run_dir: Path, examples: int):
     n -= n % min(n, HVP_BATCH)
     state = restore_final(run_dir)
     return config, dataset, (dataset.x_train[:n], y[:n]), state["params"], state.get("batch_stats")
+
+
+def _not_a_run(path: Path) -> str:
+    """Why ``path`` cannot be analyzed, and what can: the runs of a comparison, listed."""
+    if not path.exists():
+        return f"{path}: no such directory (analyze takes a run directory of `sam-optax train`)."
+    runs = sorted(p.parent for p in path.glob("runs/*/config.json"))
+    if (path / "compare.json").is_file() and runs:
+        listed = "\n".join(f"  sam-optax analyze {shlex.quote(str(r))}" for r in runs)
+        return (
+            f"{path} is a comparison (`sam-optax compare`), not one run; analyze one of "
+            f"its {len(runs)} runs:\n{listed}"
+        )
+    return f"{path} is not a run directory of `sam-optax train` (no config.json)."
 
 
 def _eval_loss(config, dataset, batch_stats):

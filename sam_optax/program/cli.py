@@ -7,11 +7,13 @@ from the field's annotation, its default from the recipe (shown per dataset).
 A bad value exits with code 2 and a message naming the flag.
 
 Before a command runs, the packages of the ``program`` extra (read from the
-installed package's own metadata) are checked, so that without them
-``sam-optax`` says which are missing and how to install them instead of
-dying with a traceback. Ctrl-C stops a run between two steps: two lines
-(where it stopped, the last checkpoint, the command that continues it) and
-exit code 130.
+installed package's own metadata, or from the ``pyproject.toml`` of the
+source tree it runs from) are checked, so that without them ``sam-optax``
+says which are missing and the ``pip`` command that installs them here,
+instead of dying with a traceback. Ctrl-C or SIGTERM stops a run between two
+steps with a checkpoint of that step: two lines (where it stopped, the
+checkpoint, the command that continues it) and exit code 130 (Ctrl-C) or
+143 (SIGTERM).
 """
 
 from __future__ import annotations
@@ -21,12 +23,14 @@ import contextlib
 import dataclasses
 import importlib.metadata
 import math
+import os
 import re
 import shlex
 import signal
 import sys
 import threading
 import time
+import tomllib
 from collections.abc import Callable
 from collections.abc import Iterator
 from pathlib import Path
@@ -34,6 +38,7 @@ from typing import Any
 
 from sam_optax import _known_issues
 from sam_optax.program import configs
+from sam_optax.program.errors import ConfigFileError
 from sam_optax.program.errors import DataError
 from sam_optax.program.errors import Interrupted
 from sam_optax.program.errors import RunDirError
@@ -41,28 +46,65 @@ from sam_optax.program.errors import TrainingDiverged
 from sam_optax.program.errors import UsageError
 
 DISTRIBUTION, EXTRA = "sam-optax", "program"
-INSTALL_HINT = f"pip install '{DISTRIBUTION}[{EXTRA}]'"
 DEFAULT_SEEDS = [0, 1, 2]
 # The Config fields whose flags `compare` replaces by comma lists (the grid).
 GRID_FIELDS = ("rho", "seed", "method")
 
 
-def program_requirements() -> list[str]:
-    """The distributions the ``program`` extra requires, from the installed package's metadata.
-
-    Empty when the package is not installed (run from a source tree): then
-    nothing can be checked.
-    """
+def _installed() -> importlib.metadata.Distribution | None:
     try:
-        requires = importlib.metadata.requires(DISTRIBUTION) or []
+        return importlib.metadata.distribution(DISTRIBUTION)
     except importlib.metadata.PackageNotFoundError:
-        return []
-    names = []
-    for requirement in requires:
-        spec, _, marker = requirement.partition(";")
-        if re.search(rf"""extra\s*==\s*["']{EXTRA}["']""", marker):
-            names.append(re.match(r"[A-Za-z0-9._-]+", spec.strip()).group())
-    return names
+        return None
+
+
+# The folder above the package: a clone's root when it holds sam-optax's pyproject.toml.
+PACKAGE_PARENT = Path(__file__).resolve().parents[2]
+
+
+def source_tree() -> Path | None:
+    """The root of the clone this package runs from (``pip install -e .``, or not
+    installed at all), or ``None`` for a package installed into site-packages."""
+    pyproject = PACKAGE_PARENT / "pyproject.toml"
+    if not pyproject.is_file():
+        return None
+    name = tomllib.loads(pyproject.read_text()).get("project", {}).get("name")
+    return PACKAGE_PARENT if name == DISTRIBUTION else None
+
+
+def install_hint() -> str:
+    """The command that installs the ``program`` extra here.
+
+    From a clone: ``pip install -e '<clone>[program]'`` (PyPI has no
+    sam-optax); from an installed package: ``pip install 'sam-optax[program]'``
+    (pip reads the extra from the installed package's own metadata).
+    """
+    root = source_tree()
+    if root is None:
+        return f"pip install {shlex.quote(f'{DISTRIBUTION}[{EXTRA}]')}"
+    return f"pip install -e {shlex.quote(f'{root}[{EXTRA}]')}"
+
+
+def program_requirements() -> list[str]:
+    """The distributions the ``program`` extra requires: from the installed package's
+    metadata, else from the ``pyproject.toml`` of the source tree it runs from.
+
+    Empty when neither can be read: then nothing can be checked.
+    """
+    dist = _installed()
+    if dist is not None:
+        requires = []
+        for requirement in dist.requires or []:
+            spec, _, marker = requirement.partition(";")
+            if re.search(rf"""extra\s*==\s*["']{EXTRA}["']""", marker):
+                requires.append(spec)
+    else:
+        root = source_tree()
+        if root is None:
+            return []
+        pyproject = tomllib.loads((root / "pyproject.toml").read_text())
+        requires = pyproject["project"]["optional-dependencies"][EXTRA]
+    return [re.match(r"[A-Za-z0-9._-]+", spec.strip()).group() for spec in requires]
 
 
 def missing_program_packages() -> list[str]:
@@ -167,7 +209,9 @@ def _add_run_flags(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument(
         "--config",
         default=argparse.SUPPRESS,
-        help=f"a recipe whose values the other flags override; one of {', '.join(configs.RECIPES)} "
+        metavar="RECIPE|PATH",
+        help=f"the settings the other flags override: a recipe, one of {', '.join(configs.RECIPES)}, "
+        "or a saved config.json (or the run directory holding one) to start a new run from "
         f"(default: the recipe of --dataset, else {configs.DEFAULT_RECIPE})",
     )
     _add_config_flags(parser, skip=GRID_FIELDS if command == "compare" else ())
@@ -215,6 +259,12 @@ def _add_control_flags(parser: argparse.ArgumentParser, command: str) -> None:
         "(a flag given must agree with them)",
     )
     parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help=f"replace the {'run' if command == 'train' else 'comparison'} in --out: its files "
+        "are deleted first (refused for a directory sam-optax did not write, or one in use)",
+    )
+    parser.add_argument(
         "--checkpoint-every",
         type=_positive_int,
         default=None,
@@ -248,6 +298,10 @@ def _add_host_flags(parser: argparse.ArgumentParser) -> None:
     )
 
 
+# Measured: `time sam-optax compare` (the default comparison, 9 runs), docs/guide/program.md.
+COMPARE_TIME = "163 s measured on 2 CPU cores busy with other work: count on about 3 minutes"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sam-optax",
@@ -260,14 +314,18 @@ def build_parser() -> argparse.ArgumentParser:
     compare = sub.add_parser(
         "compare",
         help="SGD vs SAM over seeds, the paper's table, results.{md,json,png} "
-        "(the default: digits with 40%% label noise, ~1 minute on 2 CPU cores)",
+        f"(the default: digits with 40%% label noise, {COMPARE_TIME})",
     )
     _add_run_flags(compare, "compare")
     analyze = sub.add_parser(
         "analyze",
         help="sharpness of a finished run: Hessian top eigenvalues, ascent sharpness, landscapes",
     )
-    analyze.add_argument("run_dir", help="a run directory written by `sam-optax train`")
+    analyze.add_argument(
+        "run_dir",
+        help="a run directory written by `sam-optax train` (or one of a comparison's: "
+        "DIR/runs/NAME; given the comparison, analyze lists them)",
+    )
     analyze.add_argument(
         "--rho", type=float, default=0.05, help="radius of the ascent sharpness (default: 0.05)"
     )
@@ -298,27 +356,110 @@ def config_from_args(args: argparse.Namespace) -> tuple[str, configs.Config]:
 
 
 def _out_dir(args: argparse.Namespace, dataset: str | None) -> Path:
+    """The run directory: ``--out``, else a new one under ``runs/``; checked before any work."""
+    from sam_optax.program.rundir import check_out_path
+
     if args.resume and not args.out:
         raise UsageError("--resume needs --out (the run directory to continue).")
+    if args.resume and args.overwrite:
+        raise UsageError(
+            "--resume continues the run in --out, --overwrite replaces it: pass one of them."
+        )
     if args.out:
-        return Path(args.out)
-    return Path("runs") / f"{args.command}-{dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
+        out = Path(args.out)
+    else:
+        out = Path("runs") / f"{args.command}-{dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    check_out_path(out)
+    return out
+
+
+def _command_line(argv: list[str]) -> str:
+    return "sam-optax " + " ".join(shlex.quote(a) for a in argv)
 
 
 def _resume_command(args: argparse.Namespace, out: Path) -> str:
     return f"sam-optax {args.command} --out {shlex.quote(str(out))} --resume"
 
 
+def _without(argv: list[str], flags: dict[str, int]) -> list[str]:
+    """``argv`` less each of ``flags`` (``--flag`` and its ``n`` values, or ``--flag=value``)."""
+    kept, skip = [], 0
+    for arg in argv:
+        if skip:
+            skip -= 1
+            continue
+        name, given_value = arg.split("=", 1)[0], "=" in arg
+        if name in flags:
+            skip = 0 if given_value else flags[name]
+            continue
+        kept.append(arg)
+    return kept
+
+
+def _retry_command(
+    args: argparse.Namespace, argv: list[str], out: Path, config: configs.Config
+) -> str | None:
+    """After a divergence: the same command with a tenth of the learning rate, replacing the
+    run in ``out`` (``--overwrite``); a resumed run starts from its own ``config.json``."""
+    kept = _without(argv, {"--resume": 0, "--overwrite": 0, "--lr": 1, "--out": 1})
+    if args.resume:
+        if args.command != "train":
+            return None
+        kept = ["--config", str(out / "config.json"), *_without(kept, {"--config": 1})]
+    retry = [*kept, "--lr", f"{config.lr / 10:g}", "--out", str(out), "--overwrite"]
+    return _command_line(retry)
+
+
 def _options(args: argparse.Namespace, stop: threading.Event | None) -> Any:
+    """How the run is carried out: progress bars on a terminal (stderr), one line per epoch on
+    stdout unless the bars show there (stdout a terminal too)."""
     from sam_optax.program import train
 
     progress = sys.stderr.isatty() if args.progress is None else args.progress
     return train.RunOptions(
-        resume=args.resume, progress=progress, checkpoint_every=args.checkpoint_every, stop=stop
+        resume=args.resume,
+        progress=progress,
+        checkpoint_every=args.checkpoint_every,
+        stop=stop,
+        overwrite=args.overwrite,
+        epoch_lines=not (progress and sys.stdout.isatty()),
     )
 
 
-def _train(args: argparse.Namespace, command_line: str, stop: threading.Event | None) -> int:
+def _settings_title(name: str) -> str:
+    origin = f"recipe {name}" if name in configs.RECIPES else f"from {name}"
+    return f"settings ({origin}; * = changed by a flag):"
+
+
+# What each file and folder of a run (or comparison) directory holds, for the last line.
+RUN_FILES = {
+    "config.json": "the settings",
+    "label_noise.json": "the flipped labels",
+    "metrics.jsonl": "one line per epoch",
+    "checkpoints/": "the last two",
+    "summary.json": "the result",
+    "analysis/": "sam-optax analyze's",
+}
+COMPARE_FILES = {
+    "compare.json": "the grid",
+    "runs/": "one run directory per run",
+    "results.md": "the table above",
+    "results.json": "every number",
+    "results.png": "test accuracy per epoch",
+    "pareto.png": "accuracy against cost",
+}
+
+
+def written(out: Path, described: dict[str, str]) -> str:
+    """``'config.json (the settings), metrics.jsonl (...), ...'``: what ``out`` holds now."""
+    names = [p.name + ("/" if p.is_dir() else "") for p in out.iterdir()]
+    names = [n for n in described if n in names] + sorted(
+        n for n in names if n not in described and not n.startswith(".")
+    )
+    return ", ".join(f"{n} ({described[n]})" if n in described else n for n in names)
+
+
+def _train(args: argparse.Namespace, argv: list[str], stop: threading.Event | None) -> int:
     import jax
 
     from sam_optax.program import train
@@ -330,30 +471,46 @@ def _train(args: argparse.Namespace, command_line: str, stop: threading.Event | 
         config = configs.resumed(
             saved, getattr(args, "config", None), given_settings(args), out / "config.json"
         )
-        settings = configs.describe(config, title=f"settings of the run in {out} (resumed)")
+        settings = configs.describe(config, f"settings of the run in {out} (resumed):")
     else:
         name, config = config_from_args(args)
         out = _out_dir(args, config.dataset)
-        settings = configs.describe(config, base=name)
+        reference = configs.base_config(name)[1]
+        settings = configs.describe(config, _settings_title(name), reference=reference)
     configs.validate(config, jax.device_count())
-    print(f"{command_line}\n{settings}", flush=True)
+    print(f"{_command_line(argv)}\n{settings}", flush=True)
     try:
         summary = train.train_and_evaluate(config, out, _options(args, stop))
     except Interrupted as err:
-        raise Interrupted(str(err), resume=_resume_command(args, out)) from None
+        raise Interrupted(str(err), _resume_command(args, out), err.signum) from None
+    except TrainingDiverged as err:
+        raise TrainingDiverged(str(err), _retry_command(args, argv, out, config)) from None
     print(
         f"{summary['optimizer']} rho={config.radius:g}: test accuracy "
         f"{summary['test_accuracy']:.4f} after {config.epochs} epochs "
-        f"({summary['wall_seconds']:.1f} s); run directory {out}"
+        f"({summary['wall_seconds']:.1f} s).\nWrote in {out}: {written(out, RUN_FILES)}."
     )
     return 0
 
 
-def _compare(args: argparse.Namespace, command_line: str, stop: threading.Event | None) -> int:
+def _grid_line(methods: list[str], rhos: list[float], seeds: list[int], runs: int) -> str:
+    """``grid: SGD (rho 0, E and 2E epochs), sam at rho 0.2; seeds 0,1,2: 9 runs``."""
+    parts = ["SGD (rho 0, at 1x and 2x the epochs)"] if 0.0 in rhos else []
+    radii = ",".join(f"{r:g}" for r in rhos if r > 0)
+    for method in methods if radii else []:
+        own = configs.METHODS[method].radius
+        parts.append(
+            f"{method} at --{own.replace('_', '-')} {radii if own == 'rho' else '(its own)'}"
+        )
+    return f"grid: {', '.join(parts)}; seeds {','.join(map(str, seeds))}: {runs} runs"
+
+
+def _compare(args: argparse.Namespace, argv: list[str], stop: threading.Event | None) -> int:
     import jax
 
     from sam_optax.program import compare
 
+    reference = None
     if args.resume:
         out = _out_dir(args, None)
         saved = compare.saved_grid(out)
@@ -362,19 +519,22 @@ def _compare(args: argparse.Namespace, command_line: str, stop: threading.Event 
             saved["base"], getattr(args, "config", None), given_settings(args), where
         )
         methods, rhos, seeds = _resumed_grid(args, config, saved, where)
-        settings = configs.describe(config, title=f"settings of the comparison in {out} (resumed)")
+        title = f"settings of the comparison in {out} (resumed):"
     else:
         name, config = config_from_args(args)
         out = _out_dir(args, config.dataset)
         methods, rhos = _grid(args.methods, args.rhos, config)
         seeds = DEFAULT_SEEDS if args.seeds is None else args.seeds
-        settings = configs.describe(config, base=name)
+        title, reference = _settings_title(name), configs.base_config(name)[1]
     if not seeds:
         raise UsageError("--seeds must name at least one seed.")
     for method in methods or [config.method]:
         for rho in rhos:
             configs.validate(config.replace(method=method, rho=rho), jax.device_count())
-    print(f"{command_line}\n{settings}", flush=True)
+    plan = compare.plan_runs(config, methods, rhos, seeds)
+    settings = configs.describe(config, title, reference=reference, runs=plan, skip=GRID_FIELDS)
+    grid = _grid_line(methods, rhos, seeds, len(plan))
+    print(f"{_command_line(argv)}\n{settings}\n  {grid}", flush=True)
     try:
         results = compare.compare(
             config,
@@ -383,12 +543,14 @@ def _compare(args: argparse.Namespace, command_line: str, stop: threading.Event 
             out,
             methods=methods,
             options=_options(args, stop),
-            command=command_line,
+            command=_command_line(argv),
         )
     except Interrupted as err:
-        raise Interrupted(str(err), resume=_resume_command(args, out)) from None
+        raise Interrupted(str(err), _resume_command(args, out), err.signum) from None
+    except TrainingDiverged as err:
+        raise TrainingDiverged(str(err), _retry_command(args, argv, out, config)) from None
     print(results["markdown"])
-    print(f"Wrote {out / 'results.md'}, results.json, results.png and pareto.png in {out}.")
+    print(f"Wrote in {out}: {written(out, COMPARE_FILES)}.")
     return 0
 
 
@@ -447,8 +609,8 @@ def _resumed_grid(
     return methods, rhos, seeds
 
 
-def _analyze(args: argparse.Namespace, command_line: str, stop: threading.Event | None) -> int:
-    del command_line, stop
+def _analyze(args: argparse.Namespace, argv: list[str], stop: threading.Event | None) -> int:
+    del argv, stop
     from sam_optax.program import analyze
 
     analyze.analyze_run(
@@ -461,7 +623,7 @@ def _analyze(args: argparse.Namespace, command_line: str, stop: threading.Event 
     return 0
 
 
-COMMANDS: dict[str, Callable[[argparse.Namespace, str, threading.Event | None], int]] = {
+COMMANDS: dict[str, Callable[[argparse.Namespace, list[str], threading.Event | None], int]] = {
     "train": _train,
     "compare": _compare,
     "analyze": _analyze,
@@ -494,69 +656,107 @@ def _initialize_distributed(args: argparse.Namespace) -> None:
         print(f"sam-optax: note: {note}", file=sys.stderr, flush=True)
 
 
-@contextlib.contextmanager
-def stop_on_interrupt() -> Iterator[threading.Event | None]:
-    """An event the first Ctrl-C (SIGINT) sets: the run stops before its next step.
+class StopRequest(threading.Event):
+    """Set by the first Ctrl-C (SIGINT) or SIGTERM; ``signum`` is the signal's number."""
 
-    A second Ctrl-C interrupts at once. Where SIGINT is not Python's (ignored,
-    as for a job a non-interactive shell started in the background, or taken
-    over by the caller) or outside the main thread, nothing is installed and
-    ``None`` is yielded.
+    signum: int = signal.SIGINT
+
+    def request(self, signum: int) -> None:
+        self.signum = signum
+        self.set()
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def stop_on_signals() -> Iterator[StopRequest | None]:
+    """A :class:`StopRequest` that the first Ctrl-C (SIGINT) or SIGTERM sets: the run
+    checkpoints the step it is at and stops before the next.
+
+    A second signal interrupts at once (``KeyboardInterrupt``). A signal whose
+    handler is not Python's default (ignored, as SIGINT for a job a
+    non-interactive shell started in the background, or taken over by the
+    caller) is left alone; outside the main thread nothing is installed and
+    ``None`` is yielded. Under ``jax.distributed``, jax's preemption service
+    takes SIGTERM (its handler replaces this one when it starts) and Ctrl-C is
+    forwarded to it as a SIGTERM to this process, so that every process stops
+    at the same step (:mod:`sam_optax.program.train`).
     """
-    if (
-        threading.current_thread() is not threading.main_thread()
-        or signal.getsignal(signal.SIGINT) is not signal.default_int_handler
-    ):
+    if threading.current_thread() is not threading.main_thread():
         yield None
         return
-    stop = threading.Event()
+    defaults = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL}
+    ours = [s for s in STOP_SIGNALS if signal.getsignal(s) is defaults[s]]
+    stop = StopRequest()
 
     def handler(signum: int, frame: Any) -> None:
         if stop.is_set():
-            signal.signal(signal.SIGINT, signal.default_int_handler)
+            for s in ours:
+                signal.signal(s, defaults[s])
+            stop.signum = signum
             raise KeyboardInterrupt
-        stop.set()
+        stop.request(signum)
+        jax = sys.modules.get("jax")
+        if (
+            signum == signal.SIGINT
+            and jax is not None
+            and jax.distributed.is_initialized()
+            and jax.config.jax_enable_preemption_service
+        ):
+            os.kill(os.getpid(), signal.SIGTERM)  # to jax's preemption service
 
-    signal.signal(signal.SIGINT, handler)
+    for s in ours:
+        signal.signal(s, handler)
     try:
         yield stop
     finally:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        for s in ours:
+            if signal.getsignal(s) is handler:
+                signal.signal(s, defaults[s])
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
-    command_line = "sam-optax " + " ".join(
-        shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)
-    )
     missing = missing_program_packages()
     if missing:
         print(
             f"sam-optax: error: the program needs the '{EXTRA}' extra; missing here: "
-            f"{', '.join(missing)}. Install it with: {INSTALL_HINT}",
+            f"{', '.join(missing)}. Install it with: {install_hint()}",
             file=sys.stderr,
         )
         return 2
-    interruptible = stop_on_interrupt() if args.command != "analyze" else contextlib.nullcontext()
+    stoppable = stop_on_signals() if args.command != "analyze" else contextlib.nullcontext()
+    stop = None
     try:
-        with interruptible as stop:
+        with stoppable as stop:
             if args.command != "analyze":
                 _initialize_distributed(args)
-            return COMMANDS[args.command](args, command_line, stop)
-    except (UsageError, DataError, RunDirError) as err:
+            return COMMANDS[args.command](args, argv, stop)
+    except (UsageError, DataError, RunDirError, ConfigFileError) as err:
         print(f"sam-optax: error: {err}", file=sys.stderr)
         return 2
     except TrainingDiverged as err:
         print(f"sam-optax: error: {err}", file=sys.stderr)
+        if err.retry:
+            print(
+                f"sam-optax: to start again with a tenth of the learning rate, replacing "
+                f"this run: {err.retry}",
+                file=sys.stderr,
+            )
         return 3
     except Interrupted as err:
         print(f"sam-optax: {err}", file=sys.stderr)
         if err.resume:
             print(f"sam-optax: continue with: {err.resume}", file=sys.stderr)
-        return 130
+        return 128 + err.signum
     except KeyboardInterrupt:
-        print("sam-optax: interrupted.", file=sys.stderr)
-        return 130
+        print("sam-optax: interrupted at once (a second signal).", file=sys.stderr)
+        return 128 + (stop.signum if stop is not None else signal.SIGINT)
+    except BrokenPipeError:  # stdout closed early (`sam-optax ... | head`): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
 
 
 if __name__ == "__main__":

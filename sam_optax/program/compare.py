@@ -6,7 +6,8 @@ step), and the better of the two is reported; every number is a mean over
 independent seeds with its 95% confidence interval. Each method's cost is
 measured in the same comparison: gradient evaluations per step (from the
 methods' own ``sam_step`` diagnostics) and the median wall time of an epoch
-relative to SGD's; ``pareto.png`` plots test accuracy against both.
+relative to that of the SGD row reported; ``pareto.png`` plots test accuracy
+against both.
 """
 
 from __future__ import annotations
@@ -23,7 +24,10 @@ import numpy as np
 
 from sam_optax.program import configs
 from sam_optax.program import train
+from sam_optax.program.errors import ConfigFileError
 from sam_optax.program.errors import RunDirError
+from sam_optax.program.rundir import check_out_path
+from sam_optax.program.rundir import clear_for_overwrite
 from sam_optax.program.rundir import to_json
 from sam_optax.program.rundir import write_atomic
 
@@ -106,31 +110,53 @@ def confidence_interval(values: list[float], level: float = 0.95) -> float:
     return t_critical(level, len(values) - 1) * sem
 
 
-def _prepare(out: Path, grid: dict[str, Any], resume: bool) -> None:
+def _prepare(out: Path, grid: dict[str, Any], resume: bool, overwrite: bool = False) -> None:
     grid_file = out / "compare.json"
+    check_out_path(out)
     if resume:
         if not grid_file.is_file():
             raise RunDirError(f"--resume: {out} holds no comparison to resume (no compare.json).")
-        if json.loads(grid_file.read_text()) != json.loads(to_json(grid)):
+        if saved_grid(out, what="--resume")["grid"] != json.loads(to_json(grid)):
             raise RunDirError(f"--resume: the settings differ from the comparison in {out}.")
         return
-    if out.exists() and any(out.iterdir()):
+    if overwrite:
+        clear_for_overwrite(out, grid_file.name)
+    elif out.exists() and any(out.iterdir()):
         raise RunDirError(
             f"--out {out} already exists and is not empty; pass --resume to continue "
-            "that comparison, or choose another --out."
+            "that comparison (with its own settings), --overwrite to replace it (its files "
+            "are deleted), or choose another --out."
         )
     out.mkdir(parents=True, exist_ok=True)
     write_atomic(grid_file, to_json(grid, indent=2) + "\n")
 
 
-def saved_grid(out: str | Path) -> dict[str, Any]:
+def saved_grid(out: str | Path, what: str = "--resume") -> dict[str, Any]:
     """The comparison in ``out`` (its ``compare.json``): ``base`` (a Config), ``methods``,
-    ``rhos``, ``seeds``, for ``--resume``."""
+    ``rhos``, ``seeds``, and ``grid``, the file's JSON; for ``what`` (``--resume``)."""
     grid_file = Path(out) / "compare.json"
     if not grid_file.is_file():
-        raise RunDirError(f"--resume: {out} holds no comparison to resume (no compare.json).")
-    grid = json.loads(grid_file.read_text())
-    return {**grid, "base": configs.Config.from_dict(grid["base"])}
+        raise RunDirError(f"{what}: {out} holds no comparison to resume (no compare.json).")
+    fix = "Repair it, or start a new comparison in another --out."
+    try:
+        grid = json.loads(grid_file.read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigFileError(
+            f"{grid_file} is not valid JSON ({err.msg}: line {err.lineno}, column {err.colno}). "
+            f"{fix}"
+        ) from None
+    keys = ("base", "methods", "rhos", "seeds")
+    missing = [k for k in keys if k not in grid] if isinstance(grid, dict) else list(keys)
+    if missing:
+        raise ConfigFileError(
+            f"{grid_file} lacks {', '.join(map(repr, missing))} "
+            f"(expected a JSON object with base, methods, rhos and seeds). {fix}"
+        )
+    try:
+        base = configs.Config.from_dict(grid["base"])
+    except ValueError as err:
+        raise ConfigFileError(f'{grid_file}, in "base": {err}. {fix}') from None
+    return {**grid, "base": base, "grid": grid}
 
 
 def compare(
@@ -153,7 +179,7 @@ def compare(
     options = options or train.RunOptions()
     methods = [base.method] if methods is None else methods
     grid = {"base": base.to_dict(), "methods": methods, "rhos": rhos, "seeds": seeds}
-    _prepare(out, grid, options.resume)
+    _prepare(out, grid, options.resume, options.overwrite)
     plan = plan_runs(base, methods, rhos, seeds)
     summaries, curves = [], defaultdict(list)
     for i, config in enumerate(plan, 1):
@@ -166,17 +192,18 @@ def compare(
             summary = json.loads((run_dir / "summary.json").read_text())
         else:
             resume = options.resume and (run_dir / "config.json").is_file()
-            summary = train.train_and_evaluate(
-                config, run_dir, dataclasses.replace(options, resume=resume, description=label)
+            run_options = dataclasses.replace(
+                options, resume=resume, overwrite=False, description=label
             )
+            summary = train.train_and_evaluate(config, run_dir, run_options)
         summaries.append(summary)
         rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
         curves[_key(config)].append(rows)
+        done = f"{label}: test accuracy {summary['test_accuracy']:.4f} ({summary['wall_seconds']:.1f} s)"
         if options.progress:
-            print(
-                f"{label}: test accuracy {summary['test_accuracy']:.4f} ({summary['wall_seconds']:.1f} s)",
-                file=sys.stderr,
-            )
+            print(done, file=sys.stderr)
+        if options.epoch_lines:
+            print(done, flush=True)
     results = report(base, plan, summaries, command)
     write_atomic(out / "results.json", to_json(results, indent=2) + "\n")
     write_atomic(out / "results.md", results["markdown"])
@@ -195,14 +222,11 @@ def _key(c: configs.Config) -> tuple:
 
 
 def _rows(plan, summaries) -> list[dict[str, Any]]:
-    """One row per configuration (over seeds): accuracy, its interval, the measured costs."""
+    """One row per configuration (over seeds): accuracy, its interval, the measured costs
+    (epoch time relative to the SGD row reported, the better of SGD's two)."""
     groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
     for c, s in zip(plan, summaries, strict=True):
         groups[_key(c)].append(s)
-    sgd_seconds = np.median(
-        [s["median_epoch_seconds"] for c, s in zip(plan, summaries) if c.optimizer == "sgd"]
-        or [math.nan]
-    )
     rows = []
     for (optimizer, rho, m, epochs), runs in groups.items():
         values = [s["test_accuracy"] for s in runs]
@@ -220,9 +244,11 @@ def _rows(plan, summaries) -> list[dict[str, Any]]:
                 "values": values,
                 "gradients_per_step": float(np.mean([s["gradients_per_step"] for s in runs])),
                 "epoch_seconds": seconds,
-                "cost_vs_sgd": seconds / sgd_seconds,
             }
         )
+    sgd = _best_sgd(rows)
+    for r in rows:  # relative to the SGD row reported (1.00 for it)
+        r["cost_vs_sgd"] = r["epoch_seconds"] / sgd["epoch_seconds"] if sgd else math.nan
     return rows
 
 
@@ -286,7 +312,12 @@ def _markdown(base, rows, table, summaries, command) -> str:
         "",
         "Mean over seeds ± half-width of the 95% t-interval. SGD is trained for the "
         "same number of epochs as the others and for twice as many; the better is "
-        "reported (the paper's protocol). Costs measured in this comparison. All SGD rows:",
+        "reported (the paper's protocol). *Gradients / step*: gradient evaluations per "
+        "step (SGD 1, SAM 2), from the runs' own diagnostics. *Epoch time / SGD*: the "
+        "median wall time of an epoch divided by that of the SGD row above, both measured "
+        "in this comparison on this machine. *SAM gain kept*: (accuracy - SGD's) / (best "
+        "SAM accuracy - SGD's), the share of SAM's gain over SGD that a method keeps (100% "
+        "for SAM's best row; '-' without a gain to share). All SGD rows:",
         "",
     ]
     for r in rows:

@@ -29,7 +29,9 @@ an L2 term in the loss (so it enters the perturbation and is evaluated at
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import functools
+import json
 import math
 import typing
 from collections.abc import Callable
@@ -41,6 +43,7 @@ from typing import NamedTuple
 import optax
 
 import sam_optax
+from sam_optax.program.errors import ConfigFileError
 from sam_optax.program.errors import UsageError
 
 DATASETS = ("digits", "cifar10", "cifar100", "fashion_mnist")
@@ -67,7 +70,8 @@ class Method(NamedTuple):
     optimizer). ``radius`` names the :class:`Config` field of its radius
     (reported in the tables). ``second_gradient``: its SAM steps take a
     gradient besides the caller's (so a step costs 1 + the fraction of SAM
-    steps, from the ``sam_step`` diagnostic).
+    steps, from the ``sam_step`` diagnostic). ``hyperparameters`` names its
+    own :class:`Config` fields (a run of another method does not use them).
     """
 
     label: str
@@ -80,15 +84,21 @@ class Method(NamedTuple):
     second_gradient: bool = True
     wraps_base: bool = False
     per_example: bool = False
+    hyperparameters: tuple[str, ...] = ()
 
 
 # Adding a method: its hyperparameters as Config fields (below), one entry here.
 METHODS: dict[str, Method] = {
     "sam": Method("SAM", lambda c, kw, steps, base: sam_optax.sam(c.rho, **kw)),
-    "gsam": Method("GSAM", lambda c, kw, steps, base: sam_optax.gsam(c.rho, c.gsam_alpha, **kw)),
+    "gsam": Method(
+        "GSAM",
+        lambda c, kw, steps, base: sam_optax.gsam(c.rho, c.gsam_alpha, **kw),
+        hyperparameters=("gsam_alpha",),
+    ),
     "looksam": Method(
         "LookSAM",
         lambda c, kw, steps, base: sam_optax.looksam(c.rho, c.looksam_every, c.looksam_alpha, **kw),
+        hyperparameters=("looksam_every", "looksam_alpha"),
     ),
     "msam": Method(
         "MSAM",
@@ -99,23 +109,29 @@ METHODS: dict[str, Method] = {
         perturbation_options=False,
         second_gradient=False,
         wraps_base=True,
+        hyperparameters=("msam_rho",),
     ),
     "rst": Method(
         "RST",
         lambda c, kw, steps, base: sam_optax.rst(c.rho, c.rst_probability, seed=c.seed, **kw),
+        hyperparameters=("rst_probability",),
     ),
     "aesam": Method(
         "AE-SAM",
         lambda c, kw, steps, base: sam_optax.aesam(
             c.rho, optax.linear_schedule(c.aesam_threshold, -c.aesam_threshold, steps), **kw
         ),
+        hyperparameters=("aesam_threshold",),
     ),
     "fsam": Method(
         "F-SAM",
         lambda c, kw, steps, base: sam_optax.fsam(c.rho, c.fsam_sigma, decay=c.fsam_decay, **kw),
+        hyperparameters=("fsam_sigma", "fsam_decay"),
     ),
     "vasso": Method(
-        "VaSSO", lambda c, kw, steps, base: sam_optax.vasso(c.rho, c.vasso_theta, **kw)
+        "VaSSO",
+        lambda c, kw, steps, base: sam_optax.vasso(c.rho, c.vasso_theta, **kw),
+        hyperparameters=("vasso_theta",),
     ),
     "wsam": Method(
         "WSAM",
@@ -128,6 +144,7 @@ METHODS: dict[str, Method] = {
             **kw,
         ),
         wraps_base=True,
+        hyperparameters=("wsam_gamma",),
     ),
     "esam": Method(
         "ESAM",
@@ -135,6 +152,7 @@ METHODS: dict[str, Method] = {
             c.rho, c.esam_beta, c.esam_gamma, seed=c.seed, **kw
         ),
         per_example=True,
+        hyperparameters=("esam_beta", "esam_gamma"),
     ),
 }
 
@@ -173,14 +191,38 @@ def option(
     check: Check | None = None,
     choices: tuple[str, ...] | None = None,
     none: tuple[str, ...] = ("none",),
+    used: Callable[[Config], bool] | None = None,
+    hints: dict[str, str] | None = None,
 ) -> Any:
     """A :class:`Config` field: its default, help text, check or choices.
 
     ``none`` are the words that mean ``None`` on the command line (for the
-    fields that may be ``None``; the first is the one shown).
+    fields that may be ``None``; the first is the one shown). ``used(config)``
+    says whether a run of ``config`` uses the field (default: always; a
+    method's hyperparameters are named in :data:`METHODS` instead); the
+    settings printed at the start of a run are those it uses. ``hints`` maps
+    a value that is not among the ``choices`` to what to write instead.
     """
-    metadata = {"help": help, "check": check, "choices": choices, "none": none}
+    metadata = {
+        "help": help,
+        "check": check,
+        "choices": choices,
+        "none": none,
+        "used": used,
+        "hints": hints or {},
+    }
     return dataclasses.field(default=default, metadata=metadata)
+
+
+def _perturbs(config: Config) -> bool:
+    """Whether the run perturbs the weights at all (``rho > 0``: not SGD)."""
+    return config.rho > 0
+
+
+def _takes_perturbation_options(config: Config) -> bool:
+    """Whether the run's method takes the perturbation options (``--norm``, ``--adaptive``, ...)."""
+    method = METHODS.get(config.method)
+    return config.rho > 0 and method is not None and method.perturbation_options
 
 
 @dataclass(frozen=True)
@@ -200,32 +242,53 @@ class Config:
     nesterov: bool = option(False, "Nesterov momentum")
     weight_decay: float = option(5e-4, "weight decay", check=at_least(0))
     l2_in_loss: bool = option(
-        False, "weight decay as 0.5*wd*|w|^2 in the loss, as the paper's code (else decoupled)"
+        False,
+        "weight decay as 0.5*wd*|w|^2 in the loss, as the paper's code (else decoupled)",
+        used=lambda c: c.weight_decay > 0,
     )
     clip_norm: float | None = option(
         None, "clip the averaged gradient to this global norm ('none': off)", check=above(0)
     )
     rho: float = option(0.2, "SAM radius, 0 for SGD", check=at_least(0))
-    method: str = option("sam", "the SAM-family method", choices=tuple(METHODS))
+    method: str = option(
+        "sam",
+        "the SAM-family method",
+        choices=tuple(METHODS),
+        used=_perturbs,
+        hints={
+            "sgd": "plain SGD is --rho 0, with any --method; `sam-optax compare "
+            "--method sgd,sam` puts SGD beside SAM"
+        },
+    )
     norm: float = option(
         2.0,
         "p of the perturbation ball, 'inf' for sign",
         check=Check(lambda v: v > 1, "> 1 (inf for the sign)"),
+        used=_takes_perturbation_options,
     )
-    adaptive: bool = option(False, "ASAM")
-    eta: float = option(0.01, "ASAM's eta in T = |w| + eta", check=at_least(0))
+    adaptive: bool = option(False, "ASAM", used=_takes_perturbation_options)
+    eta: float = option(
+        0.01,
+        "ASAM's eta in T = |w| + eta",
+        check=at_least(0),
+        used=lambda c: _takes_perturbation_options(c) and c.adaptive,
+    )
     perturb: str = option(
         "all",
         "which params are perturbed: all, or norm (the normalization layers only: SAM-ON)",
         choices=("all", "norm"),
+        used=_perturbs,
     )
     m: int | None = option(
         8,
         "examples per perturbation (m-sharpness), 'batch' for the per-device batch",
         check=at_least(1),
         none=("batch", "all", "none"),
+        used=_perturbs,
     )
-    sync_perturbation: bool = option(False, "one perturbation for the whole batch")
+    sync_perturbation: bool = option(
+        False, "one perturbation for the whole batch", used=_takes_perturbation_options
+    )
     gsam_alpha: float = option(0.1, "GSAM's alpha", check=at_least(0))
     looksam_every: int = option(5, "LookSAM's period k", check=at_least(1))
     looksam_alpha: float = option(0.7, "LookSAM's alpha")
@@ -258,7 +321,10 @@ class Config:
         None, "device mesh like 'data=4,model=2': data replicas x params sharded over model"
     )
     sync_group: int | None = option(
-        None, "devices sharing one perturbation (the paper's inner_group_size)", check=at_least(1)
+        None,
+        "devices sharing one perturbation (the paper's inner_group_size)",
+        check=at_least(1),
+        used=_takes_perturbation_options,
     )
 
     @property
@@ -283,13 +349,49 @@ class Config:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> Config:
-        """A Config from ``config.json`` (fields added since take their defaults)."""
+        """A Config from ``config.json`` (fields added since take their defaults).
+
+        Each value must have its field's type (a number may be written as
+        ``"inf"``, as :meth:`to_dict` writes it); a key that is no field is
+        refused (a misspelt setting would otherwise be silently ignored). The
+        ``ValueError`` names the key and what was expected.
+        """
+        if not isinstance(values, dict):
+            raise ValueError(f"expected a JSON object of settings, got {type(values).__name__}")
         kinds = field_kinds()
-        known = {k: v for k, v in values.items() if k in kinds}
-        for k, v in known.items():
-            if kinds[k][0] is float and isinstance(v, str):
-                known[k] = float(v)
-        return cls(**known)
+        unknown = [k for k in values if k not in kinds]
+        if unknown:
+            raise ValueError("; ".join(_unknown_setting(k) for k in unknown))
+        return cls(**{k: _saved_value(k, v) for k, v in values.items()})
+
+
+def _unknown_setting(key: str) -> str:
+    close = difflib.get_close_matches(key, field_kinds(), n=1)
+    maybe = f" (did you mean {close[0]!r}?)" if close else ""
+    return f"{key!r} is no setting{maybe}"
+
+
+_JSON_EXPECTED = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+
+
+def _saved_value(name: str, value: Any) -> Any:
+    """The value of field ``name`` as saved in JSON, checked against the field's type."""
+    kind, optional = field_kinds()[name]
+    if value is None and optional:
+        return None
+    if kind is float and isinstance(value, str):
+        try:
+            return float(value)  # "inf", as to_dict writes a non-finite number
+        except ValueError:
+            pass
+    elif kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    elif isinstance(value, kind) and (kind is bool or not isinstance(value, bool)):
+        return value
+    null = " or null" if optional else ""
+    raise ValueError(
+        f"{name!r} is {json.dumps(value)}, expected {_JSON_EXPECTED[kind]}{null} (flag {flag(name)})"
+    )
 
 
 @functools.cache
@@ -332,19 +434,35 @@ def as_flag(name: str, value: Any) -> str:
     return f"{flag(name)} {value!r}" if isinstance(value, float) else f"{flag(name)} {value}"
 
 
-def field_errors(config: Config) -> list[str]:
-    """What is wrong with each field's value alone, each message naming the flag."""
+def field_errors(config: Config, name: Callable[[str], str] = flag) -> list[str]:
+    """What is wrong with each field's value alone, each message naming the field by
+    ``name(field)`` (its flag, by default)."""
     errors = []
     for f in dataclasses.fields(Config):
         value, choices, check = getattr(config, f.name), f.metadata["choices"], f.metadata["check"]
         if value is None:
             continue
         if choices is not None and value not in choices:
-            errors.append(f"{flag(f.name)}: unknown {value!r}; valid choices: {', '.join(choices)}")
+            errors.append(f"{name(f.name)}: {unknown_choice(value, choices, f.metadata['hints'])}")
         elif check is not None and not _passes(check, value):
             alternative = f" (or {f.metadata['none'][0]})" if field_kinds()[f.name][1] else ""
-            errors.append(f"{flag(f.name)} must be {check.expected}{alternative}, got {value!r}")
+            errors.append(f"{name(f.name)} must be {check.expected}{alternative}, got {value!r}")
     return errors
+
+
+def unknown_choice(value: Any, choices: Any, hints: dict[str, str] | None = None) -> str:
+    """``"unknown 'samm' (did you mean 'sam'?); valid choices: sam, gsam, ..."``: what the
+    value may have meant (a hint for it, else the closest choice), then the choices."""
+    hint = (hints or {}).get(value) if isinstance(value, str) else None
+    lower = {c.lower(): c for c in choices}
+    close = difflib.get_close_matches(value.lower(), lower, n=1) if isinstance(value, str) else []
+    if hint:
+        meant = f" ({hint})"
+    elif close:
+        meant = f" (did you mean {lower[close[0]]!r}?)"
+    else:
+        meant = ""
+    return f"unknown {value!r}{meant}; valid choices: {', '.join(choices)}"
 
 
 def _passes(check: Check, value: Any) -> bool:
@@ -406,32 +524,79 @@ DATASET_RECIPES = {
 
 def recipe(name: str) -> Config:
     if name not in RECIPES:
-        raise UsageError(f"--config: unknown {name!r}; valid choices: {', '.join(RECIPES)}.")
+        raise UsageError(
+            f"--config: {unknown_choice(name, tuple(RECIPES))}, or the path of a saved "
+            "config.json (or of a run directory holding one)."
+        )
     return RECIPES[name]
 
 
-def base_recipe_name(config_name: str | None, dataset: str | None) -> str:
-    """The recipe a run starts from: ``--config``, else ``--dataset``'s, else the default."""
+def read_config(path: str | Path, fix: str) -> Config:
+    """The settings saved in ``path`` (a run's ``config.json``), every value checked.
+
+    A file that is not JSON, a value of the wrong type, a key that is no
+    setting or a value the program refuses raises :class:`ConfigFileError`
+    naming the file, the key and what was expected, then ``fix`` (what to do).
+    """
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise ConfigFileError(f"{path} cannot be read ({err.strerror}). {fix}") from None
+    try:
+        values = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ConfigFileError(
+            f"{path} is not valid JSON ({err.msg}: line {err.lineno}, column {err.colno}); "
+            f"it should hold one key per setting, as sam-optax writes it. {fix}"
+        ) from None
+    try:
+        config = Config.from_dict(values)
+    except ValueError as err:
+        raise ConfigFileError(f"{path}: {err}. {fix}") from None
+    errors = field_errors(config, name=repr)
+    if errors:
+        raise ConfigFileError(f"{path}: {'; '.join(errors)}. {fix}")
+    return config
+
+
+def base_config(config_name: str | None, dataset: str | None = None) -> tuple[str, Config]:
+    """``(name, Config)`` a run starts from: ``--config`` (a recipe, or a saved
+    ``config.json`` or run directory), else ``--dataset``'s recipe, else the default."""
     if config_name is not None:
-        recipe(config_name)
-        return config_name
+        if config_name in RECIPES:
+            return config_name, RECIPES[config_name]
+        path = Path(config_name)
+        if path.is_dir() and not (path / "config.json").is_file():
+            raise UsageError(
+                f"--config {config_name}: a directory without config.json (not a run directory "
+                "of `sam-optax train`); name a run directory, its config.json, or a recipe."
+            )
+        if path.exists():
+            fix = "Repair it, or pass --config a recipe or another config.json."
+            return config_name, read_config(path / "config.json" if path.is_dir() else path, fix)
+        if config_name.endswith(".json") or path.name != config_name:
+            raise UsageError(f"--config {config_name}: no such file.")
+        recipe(config_name)  # raises: unknown recipe
     if dataset is not None:
         if dataset not in DATASET_RECIPES:
-            raise UsageError(
-                f"--dataset: unknown {dataset!r}; valid choices: {', '.join(DATASETS)}."
-            )
-        return DATASET_RECIPES[dataset]
-    return DEFAULT_RECIPE
+            raise UsageError(f"--dataset: {unknown_choice(dataset, DATASETS)}.")
+        return DATASET_RECIPES[dataset], RECIPES[DATASET_RECIPES[dataset]]
+    return DEFAULT_RECIPE, RECIPES[DEFAULT_RECIPE]
 
 
 def resolve(config_name: str | None, overrides: dict[str, Any]) -> tuple[str, Config]:
-    """``(base recipe name, resolved Config)`` from ``--config`` and the flags given.
+    """``(base name, resolved Config)`` from ``--config`` and the flags given.
 
-    A method that selects examples (ESAM) takes the whole device batch as its
-    group unless ``--m`` is given (the recipe's m does not apply to it).
+    Each value is checked alone here (a message naming its flag, before
+    anything else reads it). A method that selects examples (ESAM) takes the
+    whole device batch as its group unless ``--m`` is given (the recipe's m
+    does not apply to it).
     """
-    name = base_recipe_name(config_name, overrides.get("dataset"))
-    config = recipe(name).replace(**overrides)
+    name, base = base_config(config_name, overrides.get("dataset"))
+    config = base.replace(**overrides)
+    for message in field_errors(config):
+        raise UsageError(message + ".")
     if METHODS[config.method].per_example and "m" not in overrides:
         config = config.replace(m=None)
     return name, config
@@ -446,7 +611,11 @@ def resumed(
     NAME``, when given); one that contradicts them is refused, named, with
     the run's value.
     """
-    wanted = recipe(config_name).replace(**overrides) if config_name else saved.replace(**overrides)
+    wanted = (
+        base_config(config_name)[1].replace(**overrides)
+        if config_name
+        else saved.replace(**overrides)
+    )
     names = [f.name for f in dataclasses.fields(Config)] if config_name else list(overrides)
     conflicts = [n for n in names if getattr(wanted, n) != getattr(saved, n)]
     if not conflicts:
@@ -460,7 +629,8 @@ def resumed(
 
     raise UsageError(
         f"--resume: {'; '.join(map(contradiction, conflicts))}, in {where}. A resumed run keeps "
-        "its own settings: leave those flags out, or start a new run in another --out."
+        "its own settings: leave those flags out, or start a new run in another --out "
+        "(or in this one, replacing it, with --overwrite instead of --resume)."
     )
 
 
@@ -555,16 +725,45 @@ def mesh_shape(config: Config, n_devices: int) -> dict[str, int]:
     return {"data": data // config.sync_group, "sync": config.sync_group, "model": model}
 
 
-def describe(config: Config, *, base: str | None = None, title: str | None = None) -> str:
-    """The settings, one line each, for the start of a run.
+def uses(config: Config, name: str) -> bool:
+    """Whether a run of ``config`` uses field ``name``: not another method's
+    hyperparameters, nor the perturbation's options in an SGD run (``rho = 0``)."""
+    for method, entry in METHODS.items():
+        if name in entry.hyperparameters:
+            return config.optimizer == method
+    used = Config.__dataclass_fields__[name].metadata["used"]
+    return used is None or bool(used(config))
 
-    With ``base`` (the recipe the run started from) the values a flag changed
-    are marked; ``title`` replaces the first line.
+
+def describe(
+    config: Config,
+    title: str,
+    *,
+    reference: Config | None = None,
+    runs: list[Config] | None = None,
+    skip: tuple[str, ...] = (),
+) -> str:
+    """The settings a run uses, one line each, for its start.
+
+    With ``reference`` (what the run started from) the values a flag changed
+    are marked ``*``. ``runs`` (a grid's runs: default ``[config]``) decide
+    which fields are shown: those one of them uses (:func:`uses`); ``skip``
+    are left out too. A last line counts the fields not shown.
     """
-    reference = recipe(base) if base is not None else None
-    lines = [title or f"settings (recipe {base}; * = changed by a flag):"]
+    runs = runs or [config]
+    lines, hidden = [title], 0
     for f in dataclasses.fields(Config):
+        if f.name in skip:
+            continue
+        if not any(uses(r, f.name) for r in runs):
+            hidden += 1
+            continue
         value = getattr(config, f.name)
         mark = "*" if reference is not None and getattr(reference, f.name) != value else " "
         lines.append(f"  {mark} {f.name:<18} {value!r}")
+    if hidden:
+        lines.append(
+            f"  ({hidden} settings that {'these runs do' if len(runs) > 1 else 'this run does'} "
+            "not use are not shown)"
+        )
     return "\n".join(lines)

@@ -21,6 +21,7 @@ import json
 import math
 import os
 import secrets
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from typing import Any
 import jax
 
 from sam_optax.program.configs import Config
+from sam_optax.program.configs import read_config
 from sam_optax.program.errors import RunDirError
 
 
@@ -101,6 +103,61 @@ def lock_directory(path: Path) -> Any:
     return lock
 
 
+def check_out_path(path: Path) -> None:
+    """Refuses an ``--out`` that cannot be a directory (a file, under a file, not writable).
+
+    Before any work: the message names the path, what is in the way, and the fix.
+    """
+    if path.exists():
+        if not path.is_dir():
+            raise RunDirError(
+                f"--out {path} is a file, not a directory; choose another --out (a new folder)."
+            )
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise RunDirError(f"--out {path}: the directory is not writable; choose another --out.")
+        return
+    parent = path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise RunDirError(
+            f"--out {path} cannot be created: {parent} is a file, not a directory; "
+            "choose another --out."
+        )
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise RunDirError(
+            f"--out {path} cannot be created: {parent} is not writable; choose another --out."
+        )
+
+
+def clear_for_overwrite(path: Path, marker: str) -> None:
+    """``--overwrite``: deletes what ``path`` holds, when it is a directory of sam-optax.
+
+    Only a directory holding ``marker`` (``config.json`` of a run,
+    ``compare.json`` of a comparison) is emptied, and only while no other
+    process holds the lock of one of its runs (a run's own lock is the
+    caller's to take first); anything else is refused and nothing deleted.
+    ``path/.lock`` itself is kept.
+    """
+    if not path.is_dir() or not any(path.iterdir()):
+        return
+    if not (path / marker).is_file():
+        raise RunDirError(
+            f"--overwrite: {path} holds no {marker}, so it is no sam-optax "
+            f"{'run' if marker == 'config.json' else 'comparison'} directory; nothing was "
+            "deleted. Choose another --out."
+        )
+    for lock_file in path.glob(f"runs/*/{LOCK_FILE}"):
+        lock_directory(lock_file.parent).release()  # raises while another process holds it
+    for entry in path.iterdir():
+        if entry.name == LOCK_FILE:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+
+
 def is_writer() -> bool:
     """Whether this process writes the run's files (process 0)."""
     return jax.process_index() == 0
@@ -117,8 +174,9 @@ class RunDir:
         self.noise_file = self.path / "label_noise.json"
         self.checkpoints = (self.path / "checkpoints").absolute()
 
-    def prepare(self, config: Config, resume: bool) -> None:
-        """Creates the directory, or checks it for ``resume``; never overwrites silently.
+    def prepare(self, config: Config, resume: bool, overwrite: bool = False) -> None:
+        """Creates the directory, or checks it for ``resume``; never overwrites silently
+        (``overwrite`` empties a run directory first: :func:`clear_for_overwrite`).
 
         Process 0 takes the directory's lock (``.lock``, held until
         :meth:`release`): a second process on the same ``--out`` is refused
@@ -128,7 +186,7 @@ class RunDir:
         error = None
         try:
             if is_writer():
-                self._prepare_as_writer(config, resume)
+                self._prepare_as_writer(config, resume, overwrite)
             elif resume:
                 self._check_resumable(config)
         except RunDirError as err:
@@ -139,16 +197,20 @@ class RunDir:
             self.release()
             raise error
 
-    def _prepare_as_writer(self, config: Config, resume: bool) -> None:
-        if not resume and self.path.exists() and any(self.path.iterdir()):
+    def _prepare_as_writer(self, config: Config, resume: bool, overwrite: bool) -> None:
+        check_out_path(self.path)
+        if not (resume or overwrite) and self.path.exists() and any(self.path.iterdir()):
             raise RunDirError(
                 f"--out {self.path} already exists and is not empty; pass --resume "
-                "to continue that run, or choose another --out."
+                "to continue that run (with its own settings), --overwrite to replace it "
+                "(its files are deleted), or choose another --out."
             )
         if resume and not self.config_file.is_file():
             raise RunDirError(f"--resume: {self.path} holds no run to resume (no config.json).")
         self.path.mkdir(parents=True, exist_ok=True)
         self._lock = lock_directory(self.path)
+        if overwrite:
+            clear_for_overwrite(self.path, self.config_file.name)
         if resume:
             self._check_resumable(config)
         else:
@@ -166,7 +228,11 @@ class RunDir:
         """The settings the run was started with (its ``config.json``), for ``--resume``."""
         if not self.config_file.is_file():
             raise RunDirError(f"--resume: {self.path} holds no run to resume (no config.json).")
-        return Config.from_dict(json.loads(self.config_file.read_text()))
+        return read_config(
+            self.config_file,
+            "Repair it (nothing else in the directory was changed), or start a new run in "
+            "another --out.",
+        )
 
     def _check_resumable(self, config: Config) -> None:
         saved = self.saved_config().to_dict()

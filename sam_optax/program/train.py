@@ -11,9 +11,13 @@ parameters as an uninterrupted run (data order and step keys are functions of
 the seed, the epoch and the step, never of the process). The training state
 is passed from step to step; nothing is mutated in place. A loss that becomes
 NaN or infinite stops the run (:class:`TrainingDiverged`) before anything
-after the last good checkpoint is saved; a stop asked for (Ctrl-C on the
-command line) stops it between two steps (:class:`Interrupted`), the
-checkpoint being written finished first. The files are described in
+after the last good checkpoint is saved; a stop asked for (Ctrl-C or SIGTERM
+on the command line) stops it between two steps with a checkpoint of that
+step (:class:`Interrupted`), so that ``resume`` goes on from exactly there.
+With several processes (``jax.distributed``) the processes stop at the same
+step: jax's preemption service takes SIGTERM and
+:func:`jax.experimental.multihost_utils.reached_preemption_sync_point`,
+asked before every step, names the step. The files are described in
 :mod:`sam_optax.program.rundir`.
 """
 
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import signal
 import threading
 import time
 from collections.abc import Callable
@@ -52,9 +57,15 @@ class RunOptions:
       resume: continue the run in ``workdir`` from its last checkpoint.
       progress: show a progress bar (the command line shows one on a terminal only).
       checkpoint_every: also checkpoint every this many steps within an epoch.
-      description: the progress bar's label.
-      stop: once set (the command line sets it on Ctrl-C), the run stops before
-        its next step and raises :class:`~sam_optax.program.errors.Interrupted`.
+      description: the progress bar's label (and the prefix of the epoch lines).
+      stop: once set (the command line sets it on Ctrl-C and SIGTERM), the run
+        checkpoints the step it is at and raises
+        :class:`~sam_optax.program.errors.Interrupted` before its next step
+        (its ``signum`` attribute, when it has one, says which signal; with
+        several processes the stop comes from jax's preemption service).
+      overwrite: empty ``workdir`` first if it holds a run (``--overwrite``).
+      epoch_lines: print one line per epoch on stdout (the command line does
+        when no progress bar shows on a terminal).
     """
 
     resume: bool = False
@@ -62,6 +73,8 @@ class RunOptions:
     checkpoint_every: int | None = None
     description: str | None = None
     stop: threading.Event | None = None
+    overwrite: bool = False
+    epoch_lines: bool = False
 
 
 def epoch_order(seed: int, epoch: int, n: int, batch_size: int) -> np.ndarray:
@@ -150,17 +163,52 @@ class _Run:
 
 
 class _Stopped(Exception):
-    """Raised between two steps when ``options.stop`` is set: ``steps`` were done."""
+    """Raised between two steps when a stop was asked for: ``steps`` were done, ``signum``
+    is the signal that asked (``None``: another process's, through jax's preemption
+    service), ``checkpointed`` whether a checkpoint of that step exists."""
 
-    def __init__(self, steps: int):
+    def __init__(self, steps: int, signum: int | None, checkpointed: bool):
         super().__init__(steps)
-        self.steps = steps
+        self.steps, self.signum, self.checkpointed = steps, signum, checkpointed
+
+
+def _stop_signal(options: RunOptions, global_step: int) -> int | None:
+    """The signal that asks the run to stop before ``global_step`` (``None``: go on; 0: a
+    stop that another process received).
+
+    One process: ``options.stop``. Under ``jax.distributed``, every process
+    must stop at the same step (a checkpoint is collective), so only jax's
+    preemption service decides: it takes SIGTERM (the command line forwards
+    Ctrl-C to it) and names the same step to every process.
+    """
+    local = options.stop is not None and options.stop.is_set()
+    signum = getattr(options.stop, "signum", signal.SIGINT) if local else 0
+    if not jax.distributed.is_initialized():
+        return signum if local else None
+    if not jax.config.jax_enable_preemption_service:
+        return None  # no service to agree on a step: no stop (docs/guide/program.md)
+    from jax.experimental import multihost_utils
+
+    return signum if multihost_utils.reached_preemption_sync_point(global_step) else None
+
+
+def _checkpoint_stop(
+    run: _Run, state: dict[str, Any], meter: Meter, epoch: int, steps: int, wall: float
+) -> bool:
+    """Checkpoints the state after ``steps`` steps, unless it is already (or no step was done);
+    a non-finite loss since the last checkpoint raises :class:`TrainingDiverged` instead."""
+    if steps == 0:
+        return False
+    if steps != run.checkpoints.latest():
+        _guard_finite(run, meter, epoch)
+        run.checkpoints.save(steps, _checkpoint_state(state, meter, wall))
+    return True
 
 
 def _setup(config: configs.Config, workdir: str | Path, options: RunOptions) -> _Run:
     trainer = build_trainer(config)
     rundir = RunDir(workdir)
-    rundir.prepare(config, options.resume)
+    rundir.prepare(config, options.resume, options.overwrite)
     if trainer.flipped is not None and not rundir.noise_file.is_file():
         noise = {"rate": config.label_noise, "flipped": trainer.flipped.tolist()}
         rundir.write_json(rundir.noise_file, noise)
@@ -220,8 +268,10 @@ def _train_steps(
     )
     for i in range(start, trainer.steps_per_epoch):
         global_step = (epoch - 1) * trainer.steps_per_epoch + i
-        if options.stop is not None and options.stop.is_set():
-            raise _Stopped(global_step)
+        signum = _stop_signal(options, global_step)
+        if signum is not None:
+            saved = _checkpoint_stop(run, state, meter, epoch, global_step, clock())
+            raise _Stopped(global_step, signum or None, saved)
         params, opt_state, _, (batch_stats, scalars) = trainer.step(
             state["params"],
             state["opt_state"],
@@ -286,22 +336,30 @@ def train_and_evaluate(
         return _train(run)
     except _Stopped as stopped:
         run.checkpoints.wait()
-        raise Interrupted(_stopped_message(run, stopped.steps)) from None
+        message = _stopped_message(run, stopped)
+        raise Interrupted(message, signum=stopped.signum or signal.SIGTERM) from None
     finally:
         run.checkpoints.close()
         run.rundir.release()
 
 
-def _stopped_message(run: _Run, steps: int) -> str:
+SIGNAL_NAMES = {signal.SIGINT: "Ctrl-C (SIGINT)", signal.SIGTERM: "SIGTERM"}
+
+
+def _stopped_message(run: _Run, stopped: _Stopped) -> str:
     config, per_epoch = run.trainer.config, run.trainer.steps_per_epoch
-    latest = run.checkpoints.latest()
+    steps = stopped.steps
     kept = (
-        f"the last checkpoint (step {latest}) is in {run.rundir.checkpoints}"
-        if latest is not None
-        else "no checkpoint had been written yet"
+        f"its checkpoint (step {steps}) is in {run.rundir.checkpoints}"
+        if stopped.checkpointed
+        else "no step had been done, nothing to checkpoint"
     )
+    if stopped.signum is None:
+        by = "a preemption notice (SIGTERM or Ctrl-C to a process of the run, through jax)"
+    else:
+        by = SIGNAL_NAMES.get(stopped.signum, signal.Signals(stopped.signum).name)
     return (
-        f"stopped at step {steps} of {per_epoch * config.epochs} "
+        f"stopped by {by} at step {steps} of {per_epoch * config.epochs} "
         f"(epoch {steps // per_epoch + 1} of {config.epochs}); {kept}."
     )
 
@@ -342,6 +400,8 @@ def _train(run: _Run) -> dict[str, Any]:
             row = _end_epoch(run, state, epoch, meter, time.perf_counter() - epoch_start, clock())
             history.append(row)
             run.rundir.write_metrics(history)
+            if options.epoch_lines and is_writer():
+                print(_epoch_line(run, row), flush=True)
             run.checkpoints.save(
                 epoch * per_epoch, _checkpoint_state(state, Meter(), row["wall_seconds"])
             )
@@ -355,6 +415,17 @@ def _train(run: _Run) -> dict[str, Any]:
         if bar is not None:
             bar.close()
     return _summary(run, state, history)
+
+
+def _epoch_line(run: _Run, row: dict[str, Any]) -> str:
+    """``epoch 3/40: train loss 1.2345, accuracy 0.6012; test loss ..., accuracy ...; 0.9 s``."""
+    prefix = f"{run.options.description}: " if run.options.description else ""
+    return (
+        f"{prefix}epoch {row['epoch']}/{run.trainer.config.epochs}: "
+        f"train loss {row['train_loss']:.4f}, accuracy {row['train_accuracy']:.4f}; "
+        f"test loss {row['test_loss']:.4f}, accuracy {row['test_accuracy']:.4f}; "
+        f"{row['epoch_seconds']:.1f} s"
+    )
 
 
 def _summary(run: _Run, state: dict[str, Any], history: list[dict[str, Any]]) -> dict[str, Any]:
