@@ -28,6 +28,7 @@ radius, count and key.
 from __future__ import annotations
 
 import dataclasses
+import math
 import warnings
 from collections.abc import Callable
 from collections.abc import Hashable
@@ -877,7 +878,10 @@ class OrderCheck:
     reads every state of the family in ``opt_state`` (they pass ``value=``,
     which the diagnostic needs) and warns once. A loss with negative
     curvature along the gradient, or ``direction='random'`` (the ablation),
-    can trip it too; the message says so. Traced values are not read.
+    can trip it too; the message says so. A method that does not read the
+    incoming gradient (its ``grad_norm`` is NaN: MSAM, whose perturbation
+    follows the base optimizer's momentum downhill by design) is not checked.
+    Traced values are not read.
     """
 
     def __init__(self, where: str) -> None:
@@ -896,14 +900,23 @@ class OrderCheck:
         read = [
             [
                 jax.tree.leaves(x)[0]
-                for x in (s.count, s.diagnostics.sharpness, s.diagnostics.sam_step)
+                for x in (
+                    s.count,
+                    s.diagnostics.sharpness,
+                    s.diagnostics.sam_step,
+                    s.diagnostics.grad_norm,
+                )
             ]
             for s in states
         ]
         if any(isinstance(x, jax.core.Tracer) for r in read for x in r):
             return
         self.left -= 1
-        for count, sharpness, taken in read:
+        for count, sharpness, taken, grad_norm in read:
+            # A method that does not read the incoming gradient (MSAM: its grad_norm is
+            # NaN) perturbs along its own direction; MSAM's goes downhill by design.
+            if math.isnan(float(grad_norm)):
+                continue
             if int(count) <= ORDER_CHECK_STEPS and bool(taken) and float(sharpness) < 0:
                 self.left = 0
                 warnings.warn(

@@ -71,7 +71,9 @@ def sampa(
     * :math:`\nabla f(\tilde x_t)` is taken on the *previous* batch (the one
       :math:`\nabla f(y_t)` was taken on), :math:`\nabla f(y_{t+1})` on the
       current one: pass ``previous_value_fn`` (the previous batch's loss;
-      the step builders do); without it both are taken on ``value_fn``'s.
+      the step builders do when given ``previous_batch=``, and
+      :func:`sam_optax.parallel.sampa_step` always); without it both are
+      taken on ``value_fn``'s.
     * the paper's :math:`y_{t+1} = x_t - \eta_t \nabla f(y_t)` and plain step
       on :math:`g_t` are ``sampa(optax.sgd(lr), ...)``.
     * one difference kept on purpose: with momentum 0 and weight decay, the

@@ -36,6 +36,7 @@ import math
 from collections.abc import Callable
 from collections.abc import Hashable
 from typing import Any
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -115,6 +116,13 @@ def _check_updates_averaged(updates: Any, manual: tuple[Hashable, ...]) -> None:
                 )
 
 
+class _WithPrevious(NamedTuple):
+    """A step's batch and the last step's (``previous_batch``, for :func:`sam_optax.sampa`)."""
+
+    batch: Any
+    previous: Any
+
+
 def _device_step(
     loss_fn: LossFn,
     tx: optax.GradientTransformation,
@@ -140,14 +148,22 @@ def _device_step(
     ``on_clean``.
     """
     manual = _axes.manual_axes(names)
+    previous = None
+    if isinstance(batch, _WithPrevious):
+        batch, previous = batch
     n_groups = _groups.groups_per_shard(_groups.batch_size(batch), group_size)
+    if previous is not None and (n_groups > 1 or per_example):
+        raise ValueError(
+            "previous_batch is for sam_optax.sampa (its perturbed gradient is taken on the "
+            "last step's batch), which takes neither group_size nor per-example losses."
+        )
     groups = split_groups(batch, n_groups)
     if rng is not None:
         rng = _axes.fold_in_axis_index(rng, names)
 
-    def group_loss(i: int, point: Any) -> tuple[jax.Array, Any]:
+    def group_loss(i: int, point: Any, data: Any = None) -> tuple[jax.Array, Any]:
         kwargs = {} if rng is None else {"rng": jax.random.fold_in(rng, i)}
-        out = loss_fn(point, groups[i], *args, **kwargs)
+        out = loss_fn(point, groups[i] if data is None else data, *args, **kwargs)
         return out if has_aux else (out, None)
 
     if per_example:  # loss_fn gives one loss per example (ESAM); the step descends their mean
@@ -165,6 +181,8 @@ def _device_step(
         local = _axes.as_varying(params, manual)
         (loss, aux), grads = jax.value_and_grad(lambda p: group_loss(0, p), has_aux=True)(local)
         extra = {"value_fn": lambda p: group_loss(0, p)[0], "value": loss}
+        if previous is not None:
+            extra["previous_value_fn"] = lambda p: group_loss(0, p, previous)[0]
         updates, opt_state = tx.update(grads, opt_state, params, **extra)
         auxes = [aux]
     else:
@@ -253,7 +271,9 @@ def _build_step(
     in_flight = _StepsInFlight(devices)
     check_order = _family.OrderCheck(f"sam_optax.parallel ({kind})")
 
-    def step(params, opt_state, batch, *args, rng=None):
+    def step(params, opt_state, batch, *args, rng=None, previous_batch=None):
+        if previous_batch is not None:
+            batch = _WithPrevious(batch, previous_batch)
         per_device = _groups.shard_size(batch, n_devices, axis_name)
         _groups.groups_per_shard(per_device, group_size, n_devices)
         if donate:
@@ -264,16 +284,18 @@ def _build_step(
         check_order(out[1])
         return out
 
-    def lower(params, opt_state, batch, *args, rng=None):
+    def lower(params, opt_state, batch, *args, rng=None, previous_batch=None):
         """The step lowered for these arguments (``jax.jit``'s ``lower``): ``.compile()``,
         ``.memory_analysis()``, ``.as_text()``."""
+        if previous_batch is not None:
+            batch = _WithPrevious(batch, previous_batch)
         _groups.groups_per_shard(
             _groups.shard_size(batch, n_devices, axis_name), group_size, n_devices
         )
         return compiled.lower(params, opt_state, shape_batch(batch), tuple(args), rng)
 
     step.lower = lower
-    step.__doc__ = f"""Returns ``step(params, opt_state, batch, *args, rng=None)`` ({kind}).
+    step.__doc__ = f"""Returns ``step(params, opt_state, batch, *args, rng=None, previous_batch=None)`` ({kind}).
 
     ``loss_fn(params, batch, *args) -> loss`` (or ``(loss, aux)`` with
     ``has_aux=True``) is the mean loss of a batch; ``args`` are replicated
@@ -283,7 +305,9 @@ def _build_step(
     semantics). The step returns ``(params, opt_state, loss)`` and, with
     ``has_aux``, ``aux`` last: the clean pass's aux (at ``w``, not at the
     perturbed point), averaged over groups and devices (non-float leaves:
-    their maximum).
+    their maximum). ``previous_batch`` (the last step's, split over the
+    devices the same way) is for :func:`sam_optax.sampa`, which takes its
+    perturbed gradient on it (``previous_value_fn``).
     """
     return step
 

@@ -274,6 +274,22 @@ def test_a_stopped_run_keeps_its_checkpoint_and_resumes_with_its_own_settings(tm
     assert summary["test_accuracy"] == full_rows[-1]["test_accuracy"]
 
 
+def test_sampa_takes_the_last_steps_batch_also_after_a_resume(tmp_path):
+    # SAMPa's perturbed gradient is taken on the previous step's batch (the
+    # authors' rank 0): a run stopped at the first step of epoch 2 (whose
+    # previous batch is epoch 1's last) and resumed ends where the whole run does.
+    _, c = configs.resolve(None, {"method": "sampa", "epochs": 2, "batch_size": 64})
+    assert c.m is None  # one perturbation per device batch
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    train.train_and_evaluate(c, full)
+    with pytest.raises(Interrupted):
+        train.train_and_evaluate(c, cut, RunOptions(stop=_StopAfter(22)))
+    train.train_and_evaluate(c, cut, RunOptions(resume=True))
+    a, b = restore_final(full), restore_final(cut)
+    assert_trees_equal(b["params"], a["params"])
+    assert_trees_equal(b["opt_state"], a["opt_state"])
+
+
 @pytest.mark.slow
 # preexec_fn forks a process that runs jax's threads: jax warns; the child runs
 # signal.signal alone before exec.
@@ -467,7 +483,7 @@ def test_every_method_trains_through_the_program(tmp_path):
     # of 8 examples, of which it descends on 3: it learns the slowest).
     for method in configs.METHODS:
         _, c = configs.resolve(None, {"epochs": 2, "method": method, "label_noise": 0.0})
-        assert c.m is None if configs.METHODS[method].per_example else c.m == 8
+        assert c.m == (8 if configs.METHODS[method].groups else None)
         summary = train.train_and_evaluate(c, tmp_path / method)
         assert summary["method"] == method and summary["test_accuracy"] > 0.2, summary
 

@@ -51,7 +51,7 @@ def plan_runs(
                 plan.append(base.replace(rho=0.0, m=None, seed=seed, epochs=epochs))
         for method in methods:
             own = configs.METHODS[method].radius != "rho"
-            m = None if configs.METHODS[method].per_example else base.m
+            m = base.m if configs.METHODS[method].groups else None
             plan += [
                 base.replace(method=method, rho=r, seed=seed, m=m)
                 for r in radii[: 1 if own else None]

@@ -72,6 +72,10 @@ class Method(NamedTuple):
     gradient besides the caller's (so a step costs 1 + the fraction of SAM
     steps, from the ``sam_step`` diagnostic). ``hyperparameters`` names its
     own :class:`Config` fields (a run of another method does not use them).
+    ``groups``: it perturbs once per group of ``--m`` examples (else once per
+    device batch: ESAM selects examples within it, SAMPa perturbs along the
+    last step's gradient). ``previous_batch``: its step takes the last step's
+    batch too (SAMPa's perturbed gradient is taken on it).
     """
 
     label: str
@@ -85,6 +89,8 @@ class Method(NamedTuple):
     wraps_base: bool = False
     per_example: bool = False
     hyperparameters: tuple[str, ...] = ()
+    groups: bool = True
+    previous_batch: bool = False
 
 
 # Adding a method: its hyperparameters as Config fields (below), one entry here.
@@ -153,6 +159,18 @@ METHODS: dict[str, Method] = {
         ),
         per_example=True,
         hyperparameters=("esam_beta", "esam_gamma"),
+        groups=False,
+    ),
+    "sampa": Method(
+        "SAMPa",
+        # The authors' code: y is the base optimizer's (SGD's) step, the
+        # perturbed gradient is taken on the last step's batch.
+        lambda c, kw, steps, base: sam_optax.sampa(base, c.rho, c.sampa_lam, **kw),
+        perturbation_options=False,
+        wraps_base=True,
+        hyperparameters=("sampa_lam",),
+        groups=False,
+        previous_batch=True,
     ),
 }
 
@@ -313,6 +331,10 @@ class Config:
         "ESAM's gamma (fraction of the examples selected)",
         check=Check(lambda v: 0 < v <= 1, "in (0, 1]"),
     )
+    sampa_lam: float = option(
+        0.2, "SAMPa's lambda (the authors' og: weight of the gradient at y)",
+        check=fraction(closed=True),
+    )  # fmt: skip
     label_noise: float = option(0.4, "fraction of training labels flipped", check=fraction())
     label_smoothing: float = option(0.0, "label smoothing", check=fraction())
     augment: str = option("none", "on-device augmentation", choices=AUGMENTATIONS)
@@ -597,7 +619,7 @@ def resolve(config_name: str | None, overrides: dict[str, Any]) -> tuple[str, Co
     config = base.replace(**overrides)
     for message in field_errors(config):
         raise UsageError(message + ".")
-    if METHODS[config.method].per_example and "m" not in overrides:
+    if not METHODS[config.method].groups and "m" not in overrides:
         config = config.replace(m=None)
     return name, config
 
@@ -650,10 +672,15 @@ def validate(config: Config, n_devices: int = 1) -> None:
             f"--method {config.method} takes neither --adaptive, --norm, --sync-perturbation "
             "nor --sync-group."
         )
-    if config.rho > 0 and method.per_example and config.m is not None:
+    if config.rho > 0 and not method.groups and config.m is not None:
+        why = (
+            "selects examples within each device's batch"
+            if method.per_example
+            else "perturbs along the last step's gradient"
+        )
         raise UsageError(
-            f"--method {config.method} selects examples within each device's batch: it takes "
-            f"one perturbation per device batch, --m batch (got --m {config.m})."
+            f"--method {config.method} {why}: it takes one perturbation per device batch, "
+            f"--m batch (got --m {config.m})."
         )
     shape = mesh_shape(config, n_devices)
     replicas = n_devices // shape["model"]

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -143,8 +144,16 @@ class Meter:
 
 
 def step_scalars(aux_metrics: dict[str, jax.Array], opt_state: Any) -> dict[str, jax.Array]:
-    """The per-step scalars: the clean pass's metrics and the method's diagnostics."""
-    return {**aux_metrics, **{k: optax.tree.get(opt_state, k) for k in DIAGNOSTICS}}
+    """The per-step scalars: the clean pass's metrics and the method's diagnostics.
+
+    The diagnostics are copied out of the state (one small dispatch): the next
+    step donates the state, and XLA may reuse their buffers for its own.
+    """
+    diagnostics = {k: optax.tree.get(opt_state, k) for k in DIAGNOSTICS}
+    return {**aux_metrics, **_copied(diagnostics)}
+
+
+_copied = jax.jit(lambda tree: jax.tree.map(jnp.copy, tree))
 
 
 # --------------------------------------------------------------------------
@@ -266,6 +275,7 @@ def _train_steps(
     order = epoch_order(
         trainer.config.seed, epoch, len(trainer.dataset.x_train), trainer.config.batch_size
     )
+    previous = _previous_batches(trainer, epoch, order)
     for i in range(start, trainer.steps_per_epoch):
         global_step = (epoch - 1) * trainer.steps_per_epoch + i
         signum = _stop_signal(options, global_step)
@@ -278,6 +288,7 @@ def _train_steps(
             trainer.batch(order[i]),
             state["batch_stats"],
             rng=jax.random.fold_in(base_key, global_step),
+            **({} if previous is None else {"previous_batch": trainer.batch(previous(i))}),
         )
         state = {"params": params, "batch_stats": batch_stats, "opt_state": opt_state}
         meter.add(step_scalars(scalars, opt_state))
@@ -291,6 +302,25 @@ def _train_steps(
             _guard_finite(run, meter, epoch)
             run.checkpoints.save(done, _checkpoint_state(state, meter, clock()))
     return state
+
+
+def _previous_batches(trainer: Any, epoch: int, order: Any) -> Callable[[int], Any] | None:
+    """``i -> the indices of the batch before step i`` for a method that takes it (SAMPa).
+
+    The data order is a function of the seed and the epoch, so a resumed run
+    finds the same batch: step i - 1's, the previous epoch's last for the
+    first step of an epoch, and the step's own batch at the very first step.
+    """
+    config = trainer.config
+    if config.rho == 0 or not configs.METHODS[config.method].previous_batch:
+        return None
+    size, n = config.batch_size, len(trainer.dataset.x_train)
+    last = epoch_order(config.seed, epoch - 1, n, size)[-1] if epoch > 1 else order[0]
+
+    def previous(i: int) -> Any:
+        return order[i - 1] if i > 0 else last
+
+    return previous
 
 
 def _end_epoch(
