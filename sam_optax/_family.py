@@ -318,7 +318,8 @@ class Diagnostics(NamedTuple):
     step builders of :mod:`sam_optax.parallel` and the helpers of
     :mod:`sam_optax.flax` pass it), ``cosine`` needs ``cosine=True`` for the
     methods that do not hold both gradients anyway; before the first SAM
-    step nothing was measured.
+    step nothing was measured. With a donated state, read (or copy) them
+    before the next step: it may reuse their buffers.
 
     Attributes:
       sharpness: :math:`L(w + \\epsilon) - L(w)`, the first-order sharpness
