@@ -359,3 +359,46 @@ def test_state_is_donated_to_a_jitted_step(method):
         for t in range(3):
             want, want_state = jax.jit(step)(want, want_state, problem.batch(t))
         assert_trees_equal(params, want), name
+
+
+@each_method
+def test_state_is_donated_by_nnx_jit_through_nnx_optimizer(method):
+    # The large-model client's step: an NNX model and its nnx.Optimizer, both
+    # donated to nnx.jit, the closure from sam_optax.flax.nnx_value_and_grad.
+    from flax import nnx
+
+    from sam_optax.flax import nnx_value_and_grad
+    from sam_optax.flax import nnx_value_fn
+
+    x, y = Problem(14).batch(0)
+
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.hidden = nnx.Linear(5, 8, rngs=rngs)
+            self.out = nnx.Linear(8, 3, rngs=rngs)
+
+        def __call__(self, x):
+            return self.out(jnp.tanh(self.hidden(x)))
+
+    def per_example(model, x, y):
+        return jnp.sum((model(x) - y) ** 2, axis=-1)
+
+    def mean_loss(model, x, y):
+        return jnp.mean(per_example(model, x, y))
+
+    @nnx.jit(donate_argnames=("model", "optimizer"))
+    def step(model, optimizer, x, y):
+        if method.per_example:  # ESAM: the closure returns the per-example losses
+            value_fn = nnx_value_fn(model, per_example, x, y)
+            loss, grads = nnx.value_and_grad(mean_loss)(model, x, y)
+            optimizer.update(model, grads, value_fn=value_fn)
+        else:
+            loss, grads, value_fn = nnx_value_and_grad(mean_loss)(model, x, y)
+            optimizer.update(model, grads, value_fn=value_fn, value=loss)
+        return loss
+
+    model = Net(nnx.Rngs(0))
+    optimizer = nnx.Optimizer(model, method.tx(0.1, _base()), wrt=nnx.Param)
+    losses = [float(step(model, optimizer, x, y)) for _ in range(4)]
+    assert all(np.isfinite(losses)) and losses[-1] < losses[0]
+    assert int(optimizer.step[...]) == 4
