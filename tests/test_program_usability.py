@@ -711,7 +711,7 @@ def test_config_takes_a_saved_config_json_or_run_directory(finished_run, tmp_pat
     assert re.search(r"\* seed\s+1", printed) and re.search(r"  epochs\s+1\n", printed)
     # Issue 26, item 15: the settings this run uses (not GSAM's, ESAM's, ...).
     assert "gsam_alpha" not in printed and "esam_beta" not in printed
-    assert "(13 settings that this run does not use are not shown)" in printed
+    assert "(14 settings that this run does not use are not shown)" in printed
     assert configs.Config.from_dict(json.loads((out / "config.json").read_text())) == saved.replace(
         seed=1
     )
