@@ -111,13 +111,14 @@ display(Markdown(results["markdown"]))
 
 # %%
 fig, axes = plt.subplots(2, 1, figsize=(8, 9), sharey=True)
-markers = "os^vD<>pP*hX"
+markers = "os^vD<>pP*hXd"
+colors = plt.cm.tab20.colors  # 20 distinct colors: one per method
 for i, row in enumerate(results["table"]):
     ci = 0.0 if np.isnan(row["ci95"]) else 100 * row["ci95"]
     for ax, x in zip(axes, (row["cost_vs_sgd"], row["gradients_per_step"])):
         ax.errorbar(
             x, 100 * row["mean"], yerr=ci, fmt=markers[i % len(markers)], capsize=3,
-            color=f"C{i}", label=row["method"],
+            color=colors[i % len(colors)], label=row["method"],
         )  # fmt: skip
 axes[0].set(xlabel="epoch wall time / SGD's (measured in this run)", ylabel="test accuracy (%)")
 axes[1].set(xlabel="gradient evaluations per step")
@@ -149,10 +150,10 @@ def curves(name: str, key: str) -> np.ndarray:
 
 
 fig, axes = plt.subplots(3, 1, figsize=(8, 11), sharex=True)
-for name in methods:
+for i, name in enumerate(methods, start=1):  # the colors of the figure above (SGD is 0)
     epochs = np.arange(1, base.epochs + 1)
     for ax, key in zip(axes, ("sharpness", "cosine", "sam_fraction")):
-        ax.plot(epochs, curves(name, key), label=compare.LABELS[name])
+        ax.plot(epochs, curves(name, key), label=compare.LABELS[name], color=colors[i])
 axes[0].set(title="sharpness L(w+ε) − L(w) (SAM steps)")
 axes[1].set(title="cos(g, g at the perturbed point)")
 axes[2].set(title="fraction of SAM steps", xlabel="epoch")
@@ -165,6 +166,8 @@ plt.show()
 # %% [markdown]
 # Reading the figures: the switching methods (RST, AE-SAM) and LookSAM
 # spend their second gradient on a fraction of the steps; MSAM never does.
-# The cosine is drawn for the methods that hold both gradients anyway. The
+# The cosine is drawn for the methods that hold both gradients anyway.
+# SAMPa has no sharpness curve: its perturbed loss is taken on the previous
+# batch, so it has no clean loss to be compared with. The
 # table's last column is each method's share of SAM's accuracy gain over
 # SGD.
