@@ -1006,6 +1006,20 @@ def unit(x: Sequence[jax.Array], eps: Any = 0.0) -> list[jax.Array]:
     return [v / jnp.where(n > 0, n, 1.0) for v in x]
 
 
+def moved(step: Step, deltas: Sequence[jax.Array]) -> Any:
+    """The params with ``deltas`` (one per selected leaf, in the compute dtype) added.
+
+    The other leaves are the params' own; each leaf keeps its dtype.
+    """
+    sel, params = step.call.sel, step.call.params
+    leaves = jax.tree.leaves(params)
+    out = [
+        (leaves[i].astype(sel.dtype) + d).astype(leaves[i].dtype)
+        for i, d in zip(sel.indices, deltas)
+    ]
+    return jax.tree.unflatten(sel.treedef, sel.place(out, leaves))
+
+
 def zeros_f32(params: Any) -> Any:
     """A params-shaped buffer of zeros in at least float32."""
     return jax.tree.map(

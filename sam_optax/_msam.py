@@ -160,11 +160,5 @@ def msam(
 
 def _shifted(step: _family.Step, moment: Any) -> Any:
     """:math:`w - \\rho\\, m / (\\|m\\| + \\epsilon)` on the selected leaves (the same on every device)."""
-    sel, params = step.call.sel, step.call.params
-    unit = _family.unit(sel.take(moment), step.options.eps)
-    leaves = jax.tree.leaves(params)
-    moved = [
-        (leaves[i].astype(sel.dtype) - step.rho * u).astype(leaves[i].dtype)
-        for i, u in zip(sel.indices, unit)
-    ]
-    return jax.tree.unflatten(sel.treedef, sel.place(moved, leaves))
+    unit = _family.unit(step.call.sel.take(moment), step.options.eps)
+    return _family.moved(step, [-step.rho * u for u in unit])

@@ -142,14 +142,9 @@ def sampa(
         return jax.tree.unflatten(sel.treedef, sel.place(kept, leaves))
 
     def perturbed(step: _family.Step, direction: Any) -> Any:
-        sel, params = step.call.sel, step.call.params
-        unit = dual_unit(sel.take(direction), opts.norm, opts.eps)
-        leaves = jax.tree.leaves(params)
-        moved = [
-            (leaves[i].astype(sel.dtype) + step.rho * u).astype(leaves[i].dtype)
-            for i, u in zip(sel.indices, unit)
-        ]
-        return jax.tree.unflatten(sel.treedef, sel.place(moved, leaves))
+        """:math:`\\tilde x = x + \\rho\\, d_p(\\nabla f(y_t))` on the selected leaves."""
+        unit = dual_unit(step.call.sel.take(direction), opts.norm, opts.eps)
+        return _family.moved(step, [step.rho * u for u in unit])
 
     def rule(step: _family.Step, memory: SAMPaMemory) -> tuple[Any, SAMPaMemory, Any]:
         call = step.call
@@ -169,7 +164,7 @@ def sampa(
                 _axes.as_varying(x_tilde, manual)
             )
             g_y = jax.grad(lambda p: current((p,)))(_axes.as_varying(y, manual))
-            g_x, g_y = _axes.pmean((_conj(g_x), _conj(g_y)), opts.axes)
+            g_x, g_y = _axes.pmean(optax.tree.conj((g_x, g_y)), opts.axes)
             f_x = _axes.pmean(f_x, opts.axes)
         else:
             f_x, g_x, g_y = _pair_gradients(current, x_tilde, y, pair_axis)
@@ -236,10 +231,6 @@ def _base_args(step: _family.Step) -> dict[str, Any]:
     return {k: v for k, v in step.call.extra_args.items() if k not in _OWN_ARGS}
 
 
-def _conj(tree: Any) -> Any:
-    return optax.tree.conj(tree)
-
-
 def _pair_gradients(
     loss: Callable[[tuple[Any, ...]], jax.Array], x_tilde: Any, y: Any, axis: Hashable
 ) -> tuple[jax.Array, Any, Any]:
@@ -261,7 +252,7 @@ def _pair_gradients(
     point = jax.tree.map(lambda a, b: jnp.where(first, a, b), x_tilde, y)
     point = _axes.as_varying(point, _axes.manual_axes((axis,)))
     value, grads = jax.value_and_grad(lambda p: loss((p,)))(point)
-    grads = _conj(grads)
+    grads = optax.tree.conj(grads)
     zero = jax.tree.map(jnp.zeros_like, grads)
     mine = (
         jax.tree.map(lambda g, z: jnp.where(first, g, z) / half, grads, zero),
