@@ -10,5 +10,6 @@ python memory.py
 for model in cnn big-mlp mlp; do python msharpness.py --model "$model"; done
 python cpu_dispatch.py
 python efficient.py
+python language_model.py
 python hessian.py
 if [ "${1:-}" = "--small" ]; then python wrn.py --batch 8 --repeats 3; else python wrn.py; fi
