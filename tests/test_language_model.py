@@ -391,6 +391,25 @@ def test_sam_lora_perturbs_and_trains_the_adapters_alone(lora_steps, corpus):
 
 
 @pytest.mark.slow
+def test_sam_lora_extra_memory_does_not_grow_with_depth(corpus):
+    # Four times the blocks, four times the adapters and about three times the
+    # params: the extra over plain LoRA stays what the first block shares.
+    extras = {}
+    for layers in (1, 4):
+        config = dataclasses.replace(LORA, n_layers=layers)
+        pretrained = lm.Transformer(dataclasses.replace(config, lora_rank=0), rngs=nnx.Rngs(0))
+        batch = _batch(corpus, config)
+        temp = {}
+        for method in ("adamw", "sam"):
+            run = dataclasses.replace(config, method=method)
+            model, optimizer = lm.build(run, lm.copy_model(pretrained))
+            temp[method] = lm.step_memory(model, optimizer, batch)
+        extras[layers] = temp["sam"]["temp"] - temp["adamw"]["temp"]
+        adapters = temp["sam"]["trained"]
+    assert abs(extras[4] - extras[1]) <= adapters / 4, (extras, adapters)
+
+
+@pytest.mark.slow
 def test_sam_on_the_adapters_while_every_param_trains(lora_steps, corpus):
     config = dataclasses.replace(LORA, method="sam", train_base=True)
     pretrained = lora_steps["pretrained"]
@@ -400,3 +419,28 @@ def test_sam_on_the_adapters_while_every_param_trains(lora_steps, corpus):
         lm.train_step(model, optimizer, _batch(corpus, LORA, seed=i))
     assert _differ(model.blocks[0].up.kernel[...], pretrained.blocks[0].up.kernel[...], 0.0)
     assert _differ(model.blocks[0].up.lora.lora_b[...], jnp.zeros(()), 0.0)
+
+
+# --------------------------------------------------------------------------
+# The command line.
+# --------------------------------------------------------------------------
+
+
+def test_command_line_sizes(monkeypatch):
+    monkeypatch.delenv("SAM_OPTAX_FULL", raising=False)
+    args, config = lm.parse_args(["--method", "msam", "--steps", "7", "--rho", "0.5"])
+    assert (args.method, config.steps, config.rho, config.d_model) == ("msam", 7, 0.5, 64)
+    monkeypatch.setenv("SAM_OPTAX_FULL", "1")
+    _, config = lm.parse_args(["--steps", "7"])
+    assert (config.steps, config.d_model) == (7, lm.FULL["d_model"])  # the flag wins
+    with pytest.raises(SystemExit):
+        lm.parse_args(["--method", "adam"])
+
+
+@pytest.mark.slow
+def test_main_runs_a_tiny_config(capsys):
+    tiny = ["--steps", "2", "--micro-batch", "2", "--seq-len", "16", "--d-model", "32"]
+    tiny += ["--n-layers", "1", "--n-heads", "2", "--corpus-bytes", "30000", "--eval-every", "1"]
+    results = lm.main(["--method", "sam", *tiny])
+    assert set(results) == {"sam"} and len(results["sam"].valid_loss) == 3
+    assert "| sam |" in capsys.readouterr().out
