@@ -2,6 +2,7 @@
 
     python benchmarks/language_model.py [--d-model 128] [--layers 2] [--seq-len 128]
                                         [--batch 8] [--lora-rank 8] [--repeats 15]
+                                        [--memory-only]
 
 One micro-batch per step (no accumulation), the example's ``train_step``
 (``nnx.jit``, model and optimizer donated) for AdamW, SAM, MSAM, LookSAM
@@ -12,7 +13,7 @@ medians per step, as ratios (the absolute times are this machine's). Memory:
 XLA's ``memory_analysis().temp_size_in_bytes`` of the compiled step
 (deterministic for a jaxlib; nothing is run), against AdamW's, in units of
 the params' bytes P, and SAM-LoRA's above LoRA's in units of the adapters'
-bytes A.
+bytes A, of P and per token. ``--memory-only`` skips the timing.
 """
 
 from __future__ import annotations
@@ -77,6 +78,7 @@ def main(argv=None) -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--lora-rank", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--memory-only", action="store_true", help="XLA's analysis, no timing")
     args = parser.parse_args(argv)
     config = lm.Config(
         d_model=args.d_model,
@@ -89,14 +91,18 @@ def main(argv=None) -> None:
     corpus = lm.load_corpus(200_000)
     batch = lm.sample_batch(corpus.train, np.random.default_rng(0), args.batch, args.seq_len)
     steps = build_steps(config, args.lora_rank, batch)
-    times = interleaved_medians({n: unit for n, (_, unit) in steps.items()}, args.repeats, 1)
+    if args.memory_only:
+        times = dict.fromkeys(steps, float("nan"))
+    else:
+        times = interleaved_medians({n: unit for n, (_, unit) in steps.items()}, args.repeats, 1)
     memory = {n: m for n, (m, _) in steps.items()}
     base_time, base_temp = times["AdamW"], memory["AdamW"]["temp"]
     params = memory["AdamW"]["params"]
     print(
         f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}; d_model {args.d_model}, "
         f"{args.layers} layers, {args.heads} heads, batch {args.batch} x {args.seq_len} bytes; "
-        f"P = {params / 2**20:.2f} MiB of float32 params; {args.repeats} rounds of {UNIT} steps"
+        f"P = {params / 2**20:.2f} MiB of float32 params; "
+        + ("memory only" if args.memory_only else f"{args.repeats} rounds of {UNIT} steps")
     )
     print("| step | time / AdamW | XLA temp / AdamW | XLA temp / P | trained bytes |")
     print("|---|---:|---:|---:|---:|")
@@ -108,12 +114,13 @@ def main(argv=None) -> None:
         )
     lora, sam_lora = memory["LoRA (AdamW)"], memory["SAM-LoRA"]
     extra, adapters = sam_lora["temp"] - lora["temp"], sam_lora["trained"]
-    shared = 6 * args.d_model * args.batch * args.seq_len * 2  # bfloat16 values
+    tokens = args.batch * args.seq_len
     print(
         f"SAM-LoRA / LoRA: time {times['SAM-LoRA'] / times['LoRA (AdamW)']:.2f}; XLA temp "
         f"+{extra:,} bytes = {extra / adapters:.2f} A = {extra / sam_lora['params']:.3f} P "
-        f"(A = {adapters:,} adapter bytes, P = {sam_lora['params']:,} param bytes); the clean "
-        f"pass's adapter-free activations, 6 d_model values a token: {shared:,} bytes"
+        f"= {extra / tokens:.0f} bytes a token = {extra / tokens / args.d_model:.1f} bytes a "
+        f"token per unit of d_model (A = {adapters:,} adapter bytes, P = {sam_lora['params']:,} "
+        f"param bytes, {tokens:,} tokens)"
     )
 
 
