@@ -297,13 +297,12 @@ lora_batch = lm.sample_batch(email.train, np.random.default_rng(1), tune.micro_b
 lora_memory = {n: lm.step_memory(h.model, h.optimizer, lora_batch) for n, h in tuned.items()}
 plain, sam_lora = lora_memory["LoRA, AdamW"], lora_memory["LoRA, SAM on the adapters"]
 extra, adapters = sam_lora["temp"] - plain["temp"], sam_lora["trained"]
-shared = 6 * tune.d_model * tune.micro_batch * tune.seq_len * 2  # bfloat16 values
+tokens = tune.micro_batch * tune.seq_len
 print(
     f"adapters A = {adapters:,} bytes, params P = {sam_lora['params']:,} bytes\n"
     f"XLA temp: LoRA {plain['temp']:,}, SAM-LoRA {sam_lora['temp']:,}: "
-    f"+{extra:,} bytes = {extra / adapters:.2f} A = {extra / sam_lora['params']:.3f} P\n"
-    f"of which the clean pass's activations that do not depend on the adapters "
-    f"(6 d_model values a token): {shared:,} bytes; the rest {(extra - shared) / adapters:.2f} A"
+    f"+{extra:,} bytes = {extra / adapters:.2f} A = {extra / sam_lora['params']:.3f} P "
+    f"= {extra / tokens:,.0f} bytes a token ({tokens:,} tokens a micro-batch)"
 )
 fig, ax = plt.subplots(figsize=(7, 4))
 for i, (name, h) in enumerate(tuned.items()):
@@ -338,20 +337,24 @@ plt.show()
 # * **LookSAM's default α = 0.7 is a poor fit for AdamW here.** Between its
 #   SAM steps it adds 0.7 ‖g‖ times a stored unit direction of the whole
 #   model to the gradient, and Adam rescales that stale direction
-#   coordinate by coordinate; with α = 0.2 it lands next to SAM.
-# * **Cost.** A SAM step costs 1.7-1.8 AdamW steps on this CPU; MSAM about
-#   1.3 (one gradient; the clean forward pass is kept for the training loss
-#   and the sharpness diagnostic); LookSAM (a SAM step every 5) about 1.2.
-#   XLA's scratch is the activations' (25 times the params' bytes here):
-#   SAM adds under 1% to it, LookSAM about 9% (its conditional's buffers).
+#   coordinate by coordinate (our reading, not tested further); with
+#   α = 0.2 it lands next to SAM.
+# * **Cost.** A SAM step cost 1.57 AdamW steps in this run (the ratios move
+#   by about 0.1 between runs on these shared cores); MSAM 1.11 (one
+#   gradient; the clean forward pass is kept for the training loss and the
+#   sharpness diagnostic); LookSAM, a SAM step every 5, 1.18. XLA's scratch
+#   is the activations' (25 times the params' bytes here): SAM adds under 1%
+#   to it, LookSAM about 9% (its conditional's buffers).
 # * **LoRA.** SAM on the adapters ties plain LoRA (2.216 against 2.214), and
 #   SAM masked to the adapters while every param trains ties AdamW on every
 #   param (2.032 against 2.030); rank-8 adapters at this learning rate move
 #   the model far less than training every param. The memory SAM-LoRA adds
-#   over LoRA is the adapters' (1.5 A) plus what XLA keeps from the clean
-#   pass because it does not depend on the adapters (the first block's input,
-#   its norm and its frozen projection: 6 `d_model` values a token), not a
-#   copy of the model: it does not grow with the depth
-#   (`tests/test_language_model.py`). On this small model with 1,024 tokens
-#   a micro-batch that happens to be 0.86 times the params' bytes; on a
-#   model whose params dwarf one block's activations it is negligible.
+#   over LoRA is activations, not a copy of the model: XLA's analysis gives
+#   the same figure for 1, 4 or 8 blocks and for ranks 4 and 16, growing
+#   with the tokens of a micro-batch and with `d_model`
+#   (`python benchmarks/language_model.py --memory-only ...`, the guide's
+#   page). Here, 1,024 tokens a micro-batch on a 0.5M-param model, that is
+#   0.86 times the params' bytes; on a model whose params dwarf a
+#   micro-batch's activations, as in fine-tuning a large model, it is small
+#   (`tests/test_language_model.py` asserts under 5% of the params on such a
+#   configuration).

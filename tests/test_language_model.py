@@ -367,10 +367,13 @@ def test_adapter_mask_selects_the_lora_params(lora_steps):
 def test_sam_lora_memory_over_plain_lora_is_not_model_sized(lora_steps):
     plain, sam = lora_steps["adamw"][2], lora_steps["sam"][2]
     extra, adapters = sam["temp"] - plain["temp"], sam["trained"]
-    # XLA computes what does not depend on the adapters once, for both passes:
-    # the first block's input, its norm and x @ W_qkv (6 d values a token).
-    shared = 6 * LORA.d_model * LORA.micro_batch * LORA.seq_len * 2  # bfloat16
-    assert extra <= 2 * adapters + shared, (extra, adapters, shared)
+    # What SAM-LoRA keeps beyond LoRA is activations (it does not change with
+    # the depth or the LoRA rank, it grows with the tokens and d_model:
+    # 8-17 bytes a token per unit of d_model from d_model 32 to 256,
+    # benchmarks/language_model.py --memory-only), plus at most the adapters'
+    # gradient and perturbed copy.
+    tokens = LORA.micro_batch * LORA.seq_len
+    assert extra <= 2 * adapters + 20 * LORA.d_model * tokens, (extra, adapters)
     assert extra <= 0.05 * sam["params"], (extra, sam["params"])
 
 
@@ -393,7 +396,7 @@ def test_sam_lora_perturbs_and_trains_the_adapters_alone(lora_steps, corpus):
 @pytest.mark.slow
 def test_sam_lora_extra_memory_does_not_grow_with_depth(corpus):
     # Four times the blocks, four times the adapters and about three times the
-    # params: the extra over plain LoRA stays what the first block shares.
+    # params: the extra over plain LoRA stays the same (to a layer's adapters).
     extras = {}
     for layers in (1, 4):
         config = dataclasses.replace(LORA, n_layers=layers)
