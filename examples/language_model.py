@@ -70,7 +70,7 @@ SKIPPED_FOLDERS = frozenset({"test", "tests", "site-packages", "dist-packages", 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    """One training run. The defaults take about a minute on a laptop CPU."""
+    """One training run. The defaults train a method in under a minute on a laptop CPU."""
 
     method: str = "adamw"
     steps: int = 200  # optimizer steps
@@ -194,6 +194,11 @@ def load_corpus(
         is_valid = i % valid_every == valid_every - 1
         parts[is_valid].append(data)
         names[is_valid].append(str(path.relative_to(base)))
+    if not parts[True]:
+        raise ValueError(
+            f"max_bytes={max_bytes} reads {len(names[False])} files, none of them a validation "
+            f"file (every {valid_every}th): read more bytes, or pass a smaller valid_every."
+        )
     train, valid = (np.frombuffer(b"".join(parts[v]), np.uint8) for v in (False, True))
     return Corpus(train, valid, tuple(names[False]), tuple(names[True]))
 

@@ -71,8 +71,10 @@ def test_corpus_is_capped_split_by_file_and_deterministic(corpus):
     files = lm.stdlib_sources()
     assert files == sorted(files) and all(p.suffix == ".py" for p in files)
     assert not any({"test", "tests", "site-packages"} & set(p.parts) for p in files)
-    only = lm.load_corpus(20_000, packages=("json",))
+    only = lm.load_corpus(20_000, packages=("json",), valid_every=2)
     assert all(name.startswith("json/") for name in only.train_files + only.valid_files)
+    with pytest.raises(ValueError, match="none of them a validation file"):
+        lm.load_corpus(1_000)
 
 
 def test_transformer_is_causal_bfloat16_with_float32_params(corpus):
@@ -443,7 +445,7 @@ def test_command_line_sizes(monkeypatch):
 @pytest.mark.slow
 def test_main_runs_a_tiny_config(capsys):
     tiny = ["--steps", "2", "--micro-batch", "2", "--seq-len", "16", "--d-model", "32"]
-    tiny += ["--n-layers", "1", "--n-heads", "2", "--corpus-bytes", "30000", "--eval-every", "1"]
+    tiny += ["--n-layers", "1", "--n-heads", "2", "--corpus-bytes", "60000", "--eval-every", "1"]
     results = lm.main(["--method", "sam", *tiny])
     assert set(results) == {"sam"} and len(results["sam"].valid_loss) == 3
     assert "| sam |" in capsys.readouterr().out
