@@ -12,5 +12,6 @@ python cpu_dispatch.py
 python efficient.py
 for model in cnn big-mlp; do python sampa.py --model "$model"; python jit_msharpness.py --model "$model"; done
 python sharded_memory.py
+python language_model.py
 python hessian.py
 if [ "${1:-}" = "--small" ]; then python wrn.py --batch 8 --repeats 3; else python wrn.py; fi

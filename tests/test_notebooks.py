@@ -15,7 +15,7 @@ def _cells(nb):
     return [(c.cell_type, c.source.strip()) for c in nb.cells]
 
 
-def test_there_are_six_notebooks():
+def test_there_are_seven_notebooks():
     assert [p.stem for p in SOURCES] == [
         "01_quickstart",
         "02_m_sharpness",
@@ -23,6 +23,7 @@ def test_there_are_six_notebooks():
         "04_sharpness_analysis",
         "05_flax",
         "06_efficient_sam",
+        "07_language_model",
     ]
 
 
