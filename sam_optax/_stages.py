@@ -211,18 +211,15 @@ def ascend(
 ) -> tuple[jax.Array, list[Leaves]]:
     r"""The loss and gradients at the last of k projected ascent steps (appendix C.6).
 
-        ``evaluate(deltas)`` is ``(loss, group_grads)`` at the perturbations the
-        deltas define, ``directions_of(group_grads)`` the gradients the next step
-        moves along (selected leaves, synced if the step is). Step j evaluates at
-        :math:`\delta_j` and moves to
-        :math:`\delta_{j+1} = \Pi_
-    ho(\delta_j +
-    ho\, d_p(T
-    abla L(w + T\delta_j)))`,
-        each group on its own; the k-th evaluation is the result (k = 1 is SAM).
-        For k > 1 the evaluations run in a ``fori_loop``, so a step holds one
-        evaluation's buffers whatever k (``benchmarks/memory.py``; unrolled,
-        XLA kept each evaluation's activations).
+    ``evaluate(deltas)`` is ``(loss, group_grads)`` at the perturbations the
+    deltas define, ``directions_of(group_grads)`` the gradients the next step
+    moves along (selected leaves, synced if the step is). Step j evaluates at
+    :math:`\delta_j` and moves to
+    :math:`\delta_{j+1} = \Pi_\rho(\delta_j + \rho\, d_p(T \nabla L(w + T\delta_j)))`,
+    each group on its own; the k-th evaluation is the result (k = 1 is SAM).
+    For k > 1 the evaluations run in a ``fori_loop``, so a step holds one
+    evaluation's buffers whatever k (``benchmarks/memory.py``; unrolled,
+    XLA kept each evaluation's activations).
     """
     if ascent.ascent_steps == 1:
         return evaluate(deltas)

@@ -630,7 +630,7 @@ def sampa_step(
     axis_name: str = "data",
     donate: bool = True,
 ) -> Step:
-    """SAMPa's two gradients at the same time, on the two halves of a mesh axis.
+    r"""SAMPa's two gradients at the same time, on the two halves of a mesh axis.
 
     ``tx`` is :func:`sam_optax.sampa` (its base optimizer inside). The axis's
     2k devices split in two halves of k: the first takes
@@ -638,8 +638,9 @@ def sampa_step(
     :math:`\nabla f(y_{t+1})` on the current one, each half data-parallel
     over its own devices (k shards of its batch), each device one gradient;
     one all-reduce over the axis gives both halves' means, and every device
-    takes the base optimizer's step. A step then costs one gradient's time
-    on twice the devices (``benchmarks/sampa.py``), and equals
+    takes the base optimizer's step. On devices that compute independently
+    (two GPUs) a step then takes one gradient's time (on CPU devices that
+    share cores it does not: ``benchmarks/sampa.py``), and equals
     :func:`sam_optax.sampa`'s one-device form, which takes the two in
     sequence, to float rounding. Params and state are replicated over the
     axis; on a mesh with more axes (data x model) only ``axis_name`` is
