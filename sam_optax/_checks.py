@@ -153,7 +153,9 @@ def check_value_fn(value_fn: Any, owner: str = "sam") -> Callable[..., Any]:
         raise TypeError(
             f"{owner}: update needs the loss closure: call "
             "tx.update(grads, state, params, value_fn=loss_fn) with "
-            "loss_fn(params) -> scalar. If you passed it and a wrapper called "
+            "loss_fn(params) -> scalar (with Flax NNX, loss, grads, value_fn = "
+            "sam_optax.flax.nnx_value_and_grad(loss_fn)(model, batch) gives it). "
+            "If you passed it and a wrapper called "
             "tx.update for you, that wrapper dropped it: flax's "
             "TrainState.apply_gradients does (use sam_optax.flax.SAMTrainState, "
             "or sam_optax.flax.linen_train_step / nnx_train_step), and so do "

@@ -75,13 +75,16 @@ def sampa(
       :func:`sam_optax.parallel.sampa_step` always); without it both are
       taken on ``value_fn``'s.
     * the paper's :math:`y_{t+1} = x_t - \eta_t \nabla f(y_t)` and plain step
-      on :math:`g_t` are ``sampa(optax.sgd(lr), ...)``.
+      on :math:`g_t` are ``sampa(optax.sgd(lr), ...)``, with the first step
+      as the authors' code takes it (above).
     * one difference kept on purpose: with momentum 0 and weight decay, the
       authors' y omits the decay (their code adds it only once SGD has a
       momentum buffer); here y is always the base's step, decay included.
 
     Any base optimizer works (its would-be update is the y step: Adam's for
-    ``optax.adam``); the authors run torch SGD with momentum and decay.
+    ``optax.adam``); the authors run torch SGD with momentum and decay. One
+    that accumulates gradients (``optax.MultiSteps``) is refused: its
+    would-be update is zero on every micro-batch but the last.
     The state holds :math:`\nabla f(y_t)` (one params-sized buffer) besides
     the base's. With ``axis_name`` each device takes both gradients on its
     shard and they are averaged. With ``update(..., pair_axis=name)`` (inside
@@ -193,7 +196,18 @@ def sampa(
         return out, memory._replace(base=base_state), _family.measure(step, sam_step=False)
 
     def init_memory(params: Any) -> SAMPaMemory:
-        return SAMPaMemory(inner.init(params), _family.zeros_f32(params))
+        base_state = inner.init(params)
+        accumulating = lambda x: isinstance(x, optax.MultiStepsState)  # noqa: E731
+        if any(accumulating(x) for x in jax.tree.leaves(base_state, is_leaf=accumulating)):
+            raise ValueError(
+                "sampa: the base optimizer accumulates gradients (optax.MultiSteps inside "
+                "sampa); SAMPa takes y's step from the base's would-be update, which "
+                "MultiSteps makes zero on every micro-batch but the last, so the micro-batches "
+                "would not take SAMPa's gradients. Gradient accumulation is not supported "
+                "with sampa (nor MultiSteps(sampa(...)), which keeps the last micro-batch's "
+                "gradients alone): take the whole batch in each step."
+            )
+        return SAMPaMemory(base_state, _family.zeros_f32(params))
 
     transformation = _family.transformation(
         "sampa", rho, opts, rule, init_memory=init_memory, base=base

@@ -722,6 +722,14 @@ def sampa_step(
                 "momentum=0.9), rho=0.1, lam=0.2)."
             )
         previous = batch if previous_batch is None else previous_batch
+        sizes = _groups.batch_size(previous), _groups.batch_size(batch)
+        if sizes[0] != sizes[1]:
+            raise ValueError(
+                f"sampa_step: previous_batch has {sizes[0]} examples and batch {sizes[1]}: the "
+                f"two halves of axis {axis_name!r} take one each, so they must be the same "
+                "size. Drop the short last batch of an epoch (e.g. drop_remainder=True in the "
+                "loader) or pad it to the others' size."
+            )
         for which, b in (("batch", batch), ("previous_batch", previous)):
             n = _groups.batch_size(b)
             if n % half:

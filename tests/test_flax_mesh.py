@@ -206,3 +206,13 @@ def test_an_explicit_mesh_names_the_axis_types():
     step = nnx_shard_map_step(loss_fn, mesh)
     with pytest.raises(ValueError, match=r"axis_types=\(jax.sharding.AxisType.Auto,\) \* 2"):
         step(model, optimizer, parallel.shard_batch(_batch(), mesh))
+
+
+def test_sam_over_the_model_axis_names_the_data_axis():
+    # The mesh has 'model', but the step maps 'data' alone: the fix is that name.
+    mesh = _mesh()
+    model = _sharded_model(mesh, constraint=P(None, "model"))
+    optimizer = nnx.Optimizer(model, _tx("model"), wrt=nnx.Param)
+    step = nnx_shard_map_step(loss_fn, mesh)
+    with pytest.raises(ValueError, match=r"maps only \('data',\).*pass axis_name='data'"):
+        step(model, optimizer, parallel.shard_batch(_batch(), mesh))

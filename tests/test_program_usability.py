@@ -670,6 +670,18 @@ def test_overwrite_replaces_only_a_directory_of_sam_optax(tmp_path, capsys):
     assert (mine / "thesis.tex").read_text() == "keep me"
 
 
+def test_overwrite_starts_a_new_directory(tmp_path, capsys):
+    # Scripts that always pass --overwrite: the first run has no directory yet.
+    for command in ("train", "compare"):
+        out = tmp_path / command
+        argv = [command, "--epochs", "1", "--no-progress", "--out", str(out), "--overwrite"]
+        if command == "compare":
+            argv += ["--method", "sgd", "--seeds", "1"]
+        assert cli.main(argv) == 0, capsys.readouterr().err
+        assert (out / ("config.json" if command == "train" else "compare.json")).is_file()
+        assert not (out / ".lock").exists()
+
+
 def test_overwrite_empties_a_comparison_unless_one_of_its_runs_is_in_use(tmp_path):
     out = tmp_path / "cmp"
     run = out / "runs" / "sam-rho0.2-m8-e1-seed0"

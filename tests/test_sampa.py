@@ -127,11 +127,25 @@ def test_bad_input_is_refused_naming_the_fix():
     step = parallel.sampa_step(loss, _tx(), mesh, axis_name="pair", donate=False)
     with pytest.raises(ValueError, match="do not split over the 2 devices"):
         step(params, _tx().init(params), (batches[0][0][:5], batches[0][1][:5]))
+    # A short last batch after a full one: each half takes one of them.
+    short = (batches[1][0][:8], batches[1][1][:8])
+    with pytest.raises(ValueError, match="previous_batch has 16 examples and batch 8"):
+        step(params, _tx().init(params), short, previous_batch=batches[0])
     tx = _tx()
     with pytest.raises(TypeError, match="value_fn"):
         tx.update(params, tx.init(params), params)
     with pytest.raises(TypeError, match=r"sampa wraps the base optimizer"):
         sam_optax.sampa(0.1)
+    # Accumulation: y's would-be step is zero on MultiSteps' micro-batches.
+    for accumulating in (
+        optax.MultiSteps(optax.sgd(LR), 2).gradient_transformation(),
+        optax.chain(
+            optax.clip_by_global_norm(1.0),
+            optax.MultiSteps(optax.sgd(LR), 2).gradient_transformation(),
+        ),
+    ):
+        with pytest.raises(ValueError, match="Gradient accumulation is not supported with sampa"):
+            sam_optax.sampa(accumulating).init(params)
 
 
 def test_the_first_step_is_the_base_step_and_later_ones_differ_from_sam():

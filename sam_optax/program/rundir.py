@@ -139,8 +139,8 @@ def clear_for_overwrite(path: Path, marker: str) -> None:
     caller's to take first); anything else is refused and nothing deleted.
     ``path/.lock`` itself is kept.
     """
-    if not path.is_dir() or not any(path.iterdir()):
-        return
+    if not path.is_dir() or all(entry.name == LOCK_FILE for entry in path.iterdir()):
+        return  # new (or holding only the lock the caller just took): nothing to clear
     if not (path / marker).is_file():
         raise RunDirError(
             f"--overwrite: {path} holds no {marker}, so it is no sam-optax "
