@@ -147,7 +147,8 @@ def vasso(
       Variance Suppression <https://arxiv.org/abs/2309.15639>`_, 2023.
     """
     opts = _family.options_from("vasso", options)
-    _family.check_hyper("vasso", "theta", theta, low=0.0, high=1.0)
+    # theta = 0 would never move the direction from its zero start.
+    _family.check_hyper("vasso", "theta", theta, low=0.0, high=1.0, open_low=True)
 
     def rule(step: _family.Step, memory: GradientAverage) -> tuple[Any, Any, _family.Diagnostics]:
         first = step.count == 0

@@ -49,8 +49,9 @@ def check_number(
     high: float | None = None,
     traced_ok: bool = False,
     owner: str | None = None,
+    open_low: bool = False,
 ) -> Any:
-    """A real number in ``[low, high]``, returned as is (or as a float).
+    """A finite real number in ``[low, high]`` (``(low, high]`` with ``open_low``), returned as is.
 
     A traced value passes unchecked when ``traced_ok`` (``optax.inject_hyperparams``
     injects hyperparameters as arrays under ``jit``); strings, ``None`` and
@@ -64,10 +65,14 @@ def check_number(
         if traced_ok and hasattr(value, "dtype"):
             return value
         raise ValueError(f"{where}{name} must be a number, got {name}={value!r}.")
-    if math.isnan(v) or (low is not None and v < low) or (high is not None and v > high):
+    if math.isinf(v):
+        raise ValueError(f"{where}{name} must be a finite number, got {name}={value!r}.")
+    below = low is not None and (v <= low if open_low else v < low)
+    if math.isnan(v) or below or (high is not None and v > high):
         bounds = (
-            f">= {low:g}" if high is None else
-            f"<= {high:g}" if low is None else f"in [{low:g}, {high:g}]"
+            f"{'>' if open_low else '>='} {low:g}" if high is None else
+            f"<= {high:g}" if low is None else
+            f"in {'(' if open_low else '['}{low:g}, {high:g}]"
         )  # fmt: skip
         raise ValueError(f"{where}{name} must be {bounds}, got {name}={value!r}.")
     return value

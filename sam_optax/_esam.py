@@ -47,6 +47,10 @@ def esam(
       has a NaN loss and a zero gradient; this library's fallback takes
       the whole batch instead.
 
+    Diagnostics: ``sharpness`` and ``perturbed_loss`` are the whole batch's
+    (:math:`L(w + \hat\epsilon) - L(w)` and :math:`L(w + \hat\epsilon)`,
+    from the same forward pass), not the selected examples'.
+
     ``esam`` extends the family's contract: ``value_fn(params)`` returns the
     **per-example** losses of the batch (a vector whose mean is the loss the
     incoming gradient is of), and ``value=`` may pass those losses at
@@ -153,6 +157,9 @@ def _selected_loss(per_example: Any, before: jax.Array, gamma: Any) -> Any:
         mean_chosen = jnp.sum(jnp.where(chosen, losses, 0.0)) / jnp.maximum(count, 1)
         # None chosen (k = 1, or ties at the cutoff): the authors' code then has a
         # NaN loss and a zero gradient; this library takes the whole batch.
-        return jnp.where(every | (count == 0), jnp.mean(losses), mean_chosen)
+        selected = jnp.where(every | (count == 0), jnp.mean(losses), mean_chosen)
+        # The value is the whole batch's L(w + eps) (the diagnostics' sharpness
+        # and perturbed_loss), the gradient the selected examples'.
+        return selected + jax.lax.stop_gradient(jnp.mean(losses) - selected)
 
     return loss

@@ -1028,9 +1028,16 @@ def zeros_f32(params: Any) -> Any:
 
 
 def check_hyper(
-    owner: str, name: str, value: Any, low: float | None = None, high: float | None = None
+    owner: str,
+    name: str,
+    value: Any,
+    low: float | None = None,
+    high: float | None = None,
+    open_low: bool = False,
 ) -> None:
     """A method's own hyperparameter: a number in [low, high] or a schedule (concrete values only)."""
     if callable(value):
         return
-    _checks.check_number(name, value, low=low, high=high, traced_ok=True, owner=owner)
+    _checks.check_number(
+        name, value, low=low, high=high, traced_ok=True, owner=owner, open_low=open_low
+    )

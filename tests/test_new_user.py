@@ -177,3 +177,15 @@ def test_every_factory_shows_the_option_names():
         options = inspect.signature(method.factory).parameters["options"]
         assert options.kind is inspect.Parameter.VAR_KEYWORD
         assert options.annotation == "Unpack[SAMOptionKeywords]", method.name
+
+
+def test_infinite_hyperparameters_and_a_frozen_vasso_are_refused():
+    # sam(inf) trained straight to NaN; vasso(theta=0) never moves its direction.
+    for make, expected in (
+        (lambda: sam_optax.sam(float("inf")), "rho must be a finite number"),
+        (lambda: sam_optax.looksam(0.1, alpha=float("inf")), "alpha must be a finite number"),
+        (lambda: sam_optax.vasso(0.1, theta=0.0), r"theta must be in \(0, 1\]"),
+    ):
+        with pytest.raises(ValueError, match=expected):
+            make()
+    sam_optax.vasso(0.1, theta=1.0)  # theta = 1 is SAM

@@ -352,8 +352,10 @@ def test_a_signal_stops_the_run_with_a_checkpoint_of_that_step(signum, tmp_path)
 
 
 @pytest.mark.slow
-def test_a_reader_that_stops_reading_ends_the_run_quietly(tmp_path):
-    # `sam-optax train | head -3`: the epoch lines meet a closed pipe.
+def test_a_reader_that_stops_reading_stops_the_run_at_a_checkpoint(tmp_path):
+    # `sam-optax train | head -3`: the epoch lines meet a closed pipe. The run
+    # stops as at a signal: the epoch's checkpoint, the resume command on
+    # stderr, exit 141 (128 + SIGPIPE).
     out = tmp_path / "run"
     proc = subprocess.Popen(
         [sys.executable, "-m", "sam_optax", "train", "--epochs", "30", "--out", str(out)],
@@ -370,7 +372,11 @@ def test_a_reader_that_stops_reading_ends_the_run_quietly(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait(timeout=30)
-    assert proc.returncode == 128 + signal.SIGPIPE and err == "", err
+    assert proc.returncode == 128 + signal.SIGPIPE, err
+    assert "stopped by a closed stdout" in err and "--resume" in err, err
+    assert "Traceback" not in err, err
+    steps = [int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit()]
+    assert steps and max(steps) >= 21, steps  # an epoch is 21 steps: at least its checkpoint
     assert not (out / ".lock").exists()
 
 
@@ -789,3 +795,68 @@ def test_a_run_of_a_comparison_analyzes_as_listed(finished_run, tmp_path, capsys
     fast = ["--examples", "64", "--iterations", "6", "--no-plots"]
     assert cli.main([*shlex.split(listed)[1:], *fast]) == 0
     assert (out / "runs" / "sam-rho0.2-m8-e1-seed0" / "analysis" / "analysis.json").is_file()
+
+
+def test_analyze_refuses_bad_flags_before_any_work(finished_run, capsys):
+    for flags, expected in (
+        (["--examples", "0"], "--examples must be at least 1"),
+        (["--examples", "-5"], "--examples must be at least 1"),
+        (["--iterations", "1"], "--iterations must be at least 5"),
+        (["--rho", "-1"], "--rho must be a finite radius > 0, got -1.0"),
+        (["--rho", "nan"], "--rho must be a finite radius > 0, got nan"),
+    ):
+        assert cli.main(["analyze", str(finished_run), *flags]) == 2, flags
+        assert expected in capsys.readouterr().err
+    assert not (finished_run / "analysis").exists()
+
+
+def test_compare_refuses_a_seed_or_method_named_twice(tmp_path, capsys):
+    # One run counted twice would show a spread (± 0.0) made of one result.
+    for flags, named in ((["--seeds", "0,0"], "0"), (["--method", "sam,sgd,sam"], "sam")):
+        with pytest.raises(SystemExit) as exit_:
+            cli.main(["compare", "--out", str(tmp_path / "cmp"), *flags])
+        assert exit_.value.code == 2
+        assert f"{named} given more than once" in capsys.readouterr().err
+    assert not (tmp_path / "cmp").exists()
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")
+def test_an_out_the_system_refuses_is_named_even_for_root(tmp_path, capsys):
+    # os.access says yes to root everywhere: the refusal comes from mkdir.
+    for command in ("train", "compare"):
+        assert cli.main([command, "--epochs", "1", "--out", "/proc/sam-optax-run"]) == 2
+        err = capsys.readouterr().err
+        assert "--out /proc/sam-optax-run cannot be created" in err and "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_analyze_skips_an_unreadable_last_checkpoint(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli.main(["train", "--epochs", "2", "--out", str(out), "--no-progress"]) == 0
+    steps = sorted(int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit())
+    assert len(steps) >= 2, steps
+
+    def corrupt(step):
+        for f in (out / "checkpoints" / str(step)).rglob("*"):
+            if f.is_file():
+                f.write_bytes(b"")
+
+    corrupt(steps[-1])
+    fast = ["--examples", "64", "--iterations", "6", "--no-plots"]
+    capsys.readouterr()
+    assert cli.main(["analyze", str(out), *fast]) == 0
+    err = capsys.readouterr().err
+    assert f"checkpoint {out / 'checkpoints' / str(steps[-1])} is unreadable" in err, err
+    assert (out / "checkpoints" / str(steps[-1])).is_dir()  # analyze deletes nothing
+    for step in steps:
+        corrupt(step)
+    assert cli.main(["analyze", str(out), *fast]) == 2
+    assert "none of its checkpoints" in capsys.readouterr().err
+
+
+def test_train_names_the_radius_flag_of_a_method_with_its_own(tmp_path, capsys):
+    # --method msam --rho 0.5 used to run at --msam-rho's 1.0, silently.
+    out = tmp_path / "msam"
+    assert cli.main(["train", "--method", "msam", "--rho", "0.5", "--out", str(out)]) == 2
+    assert "Pass --msam-rho 0.5 instead" in capsys.readouterr().err
+    assert not out.exists()

@@ -279,8 +279,10 @@ def test_esam_selects_the_examples_whose_loss_rises_most():
         assert chosen.sum() == 3  # the authors' rule: k - 1 without ties
         want = np.mean((2 * (a @ (w0 + e) - b))[chosen, None] * a[chosen], axis=0)
         np.testing.assert_allclose(np.asarray(out), want, rtol=1e-10)
+        # The diagnostics are the whole batch's, as every method's: L(w+e) - L(w).
+        np.testing.assert_allclose(float(state.diagnostics.perturbed_loss), after.mean(), rtol=1e-6)
         np.testing.assert_allclose(
-            float(state.diagnostics.perturbed_loss), after[chosen].mean(), rtol=1e-6
+            float(state.diagnostics.sharpness), after.mean() - before.mean(), rtol=1e-5
         )
 
 

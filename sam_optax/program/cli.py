@@ -138,11 +138,17 @@ def _value_parser(name: str) -> Callable[[str], Any]:
 def _list_parser(kind: Callable[[str], Any], what: str) -> Callable[[str], list[Any]]:
     def parse(text: str) -> list[Any]:
         try:
-            return [kind(v) for v in text.split(",") if v.strip()]
+            values = [kind(v) for v in text.split(",") if v.strip()]
         except ValueError:
             raise argparse.ArgumentTypeError(
                 f"expected a comma list of {what}, got {text!r}"
             ) from None
+        twice = sorted({str(v) for v in values if values.count(v) > 1})
+        if twice:  # a run counted twice would make a spread out of one result
+            raise argparse.ArgumentTypeError(
+                f"{', '.join(twice)} given more than once in {text!r}: name each once"
+            )
+        return values
 
     return parse
 
@@ -474,6 +480,15 @@ def _train(args: argparse.Namespace, argv: list[str], stop: threading.Event | No
         settings = configs.describe(config, f"settings of the run in {out} (resumed):")
     else:
         name, config = config_from_args(args)
+        own = configs.METHODS[config.method].radius
+        given_rho = given_settings(args).get("rho")
+        if own != "rho" and given_rho not in (None, 0):
+            flag = "--" + own.replace("_", "-")
+            raise UsageError(
+                f"--rho {given_rho:g} is not the radius of --method {config.method}: it takes "
+                f"{flag} ({getattr(config, own):g}, on its own scale), and --rho only switches it "
+                f"off (--rho 0 trains with SGD). Pass {flag} {given_rho:g} instead."
+            )
         out = _out_dir(args, config.dataset)
         reference = configs.base_config(name)[1]
         settings = configs.describe(config, _settings_title(name), reference=reference)
@@ -612,6 +627,16 @@ def _resumed_grid(
 def _analyze(args: argparse.Namespace, argv: list[str], stop: threading.Event | None) -> int:
     del argv, stop
     from sam_optax.program import analyze
+
+    if args.examples < 1:
+        raise UsageError(f"--examples must be at least 1 (training examples), got {args.examples}.")
+    if args.iterations < 5:
+        raise UsageError(
+            f"--iterations must be at least 5 (Lanczos iterations for the 5 largest Hessian "
+            f"eigenvalues), got {args.iterations}."
+        )
+    if not (math.isfinite(args.rho) and args.rho > 0):
+        raise UsageError(f"--rho must be a finite radius > 0, got {args.rho}.")
 
     analyze.analyze_run(
         args.run_dir,

@@ -28,6 +28,7 @@ from sam_optax.program.errors import ConfigFileError
 from sam_optax.program.errors import RunDirError
 from sam_optax.program.rundir import check_out_path
 from sam_optax.program.rundir import clear_for_overwrite
+from sam_optax.program.rundir import make_out_directory
 from sam_optax.program.rundir import to_json
 from sam_optax.program.rundir import write_atomic
 
@@ -127,7 +128,7 @@ def _prepare(out: Path, grid: dict[str, Any], resume: bool, overwrite: bool = Fa
             "that comparison (with its own settings), --overwrite to replace it (its files "
             "are deleted), or choose another --out."
         )
-    out.mkdir(parents=True, exist_ok=True)
+    make_out_directory(out)
     write_atomic(grid_file, to_json(grid, indent=2) + "\n")
 
 

@@ -318,7 +318,9 @@ class Config:
     fsam_sigma: float = option(1.0, "F-SAM's sigma")
     fsam_decay: float = option(0.6, "F-SAM's running-mean decay", check=fraction())
     vasso_theta: float = option(
-        0.9, "VaSSO's theta (weight of the newest gradient)", check=fraction(closed=True)
+        0.9,
+        "VaSSO's theta (weight of the newest gradient)",
+        check=Check(lambda v: 0 < v <= 1, "in (0, 1]"),
     )
     wsam_gamma: float = option(0.9, "WSAM's gamma (weight of the sharpness)", check=fraction())
     esam_beta: float = option(

@@ -130,6 +130,21 @@ def check_out_path(path: Path) -> None:
         )
 
 
+def make_out_directory(path: Path) -> None:
+    """Creates ``--out`` (and its parents); a refusal of the system comes back naming the path.
+
+    ``os.access`` answers yes to root on a read-only mount or ``/proc``, so
+    :func:`check_out_path` cannot see every such place beforehand.
+    """
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise RunDirError(
+            f"--out {path} cannot be created ({error.strerror or error}); choose another --out "
+            "(a folder you can write)."
+        ) from None
+
+
 def clear_for_overwrite(path: Path, marker: str) -> None:
     """``--overwrite``: deletes what ``path`` holds, when it is a directory of sam-optax.
 
@@ -207,7 +222,7 @@ class RunDir:
             )
         if resume and not self.config_file.is_file():
             raise RunDirError(f"--resume: {self.path} holds no run to resume (no config.json).")
-        self.path.mkdir(parents=True, exist_ok=True)
+        make_out_directory(self.path)
         self._lock = lock_directory(self.path)
         if overwrite:
             clear_for_overwrite(self.path, self.config_file.name)
@@ -318,6 +333,9 @@ class Checkpoints:
 def restore_final(workdir: str | Path) -> dict[str, Any]:
     """The last checkpoint of a run (params, batch_stats, opt_state, ...) as host arrays.
 
+    One that does not read back (truncated, corrupt) is reported on stderr and
+    the one before it used; nothing is deleted (``train --resume`` does that).
+
     Restored onto this process's first device whatever topology wrote it (a
     multi-host run's checkpoint reads back on a laptop).
     """
@@ -325,17 +343,31 @@ def restore_final(workdir: str | Path) -> dict[str, Any]:
 
     directory = RunDir(workdir).checkpoints
     manager = ocp.CheckpointManager(directory, item_handlers=ocp.StandardCheckpointHandler())
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     try:
-        latest = manager.latest_step()
-        if latest is None:
+        steps = sorted(manager.all_steps(), reverse=True)
+        if not steps:
             raise RunDirError(f"{workdir} has no checkpoint.")
-        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        template = jax.tree.map(
-            lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-            manager.item_metadata(latest),
-            is_leaf=lambda m: hasattr(m, "shape"),
+        for step in steps:  # the newest that reads back whole; nothing is deleted here
+            try:
+                template = jax.tree.map(
+                    lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                    manager.item_metadata(step),
+                    is_leaf=lambda m: hasattr(m, "shape"),
+                )
+                return jax.device_get(
+                    manager.restore(step, args=ocp.args.StandardRestore(template))
+                )
+            except Exception as err:  # orbax and tensorstore raise many kinds
+                print(
+                    f"sam-optax: checkpoint {directory / str(step)} is unreadable "
+                    f"({type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}); "
+                    "the previous one is used.",
+                    file=sys.stderr,
+                )
+        raise RunDirError(
+            f"{workdir}: none of its checkpoints ({', '.join(map(str, steps))}) reads back; "
+            "`sam-optax train --resume` on it starts the run again from step 0."
         )
-        restored = manager.restore(latest, args=ocp.args.StandardRestore(template))
     finally:
         manager.close()
-    return jax.device_get(restored)

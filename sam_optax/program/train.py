@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -373,7 +375,11 @@ def train_and_evaluate(
         run.rundir.release()
 
 
-SIGNAL_NAMES = {signal.SIGINT: "Ctrl-C (SIGINT)", signal.SIGTERM: "SIGTERM"}
+SIGNAL_NAMES = {
+    signal.SIGINT: "Ctrl-C (SIGINT)",
+    signal.SIGTERM: "SIGTERM",
+    signal.SIGPIPE: "a closed stdout (its reader, e.g. `| head`, ended)",
+}
 
 
 def _stopped_message(run: _Run, stopped: _Stopped) -> str:
@@ -430,11 +436,11 @@ def _train(run: _Run) -> dict[str, Any]:
             row = _end_epoch(run, state, epoch, meter, time.perf_counter() - epoch_start, clock())
             history.append(row)
             run.rundir.write_metrics(history)
-            if options.epoch_lines and is_writer():
-                print(_epoch_line(run, row), flush=True)
             run.checkpoints.save(
                 epoch * per_epoch, _checkpoint_state(state, Meter(), row["wall_seconds"])
             )
+            if options.epoch_lines and is_writer():
+                _say(run, _epoch_line(run, row))
             if bar is not None:
                 bar.set_postfix(
                     epoch=epoch,
@@ -445,6 +451,19 @@ def _train(run: _Run) -> dict[str, Any]:
         if bar is not None:
             bar.close()
     return _summary(run, state, history)
+
+
+def _say(run: _Run, line: str) -> None:
+    """Prints ``line``; when stdout's reader is gone (``sam-optax train | head``), asks the
+    run to stop as a signal would (checkpoint, resume command, exit 141) and prints no more."""
+    try:
+        print(line, flush=True)
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        stop = run.options.stop
+        if stop is not None:
+            stop.signum = signal.SIGPIPE
+            stop.set()
 
 
 def _epoch_line(run: _Run, row: dict[str, Any]) -> str:
