@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import math
 import os
 import statistics
 import sysconfig
@@ -659,13 +660,39 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, C
         parser.error(f"--method must be one of {METHODS} or 'all', got {args.method!r}")
     given = {n: getattr(args, n) for n in CLI_FIELDS if getattr(args, n) is not None}
     size = FULL if args.full or full_size() else {}
-    return args, Config(**{**size, **given})
+    config = Config(**{**size, **given})
+    for name in CLI_FIELDS:
+        value = getattr(config, name)
+        least = 0 if name == "seed" else 1
+        if name in ("learning_rate", "rho"):
+            if value is not None and not (math.isfinite(value) and value >= 0):
+                parser.error(
+                    f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}"
+                )
+        elif value < least:
+            parser.error(f"--{name.replace('_', '-')} must be an integer >= {least}, got {value}")
+    if config.d_model % config.n_heads:
+        parser.error(
+            f"--n-heads {config.n_heads} must divide --d-model {config.d_model} "
+            "(each head takes d_model / n_heads features)"
+        )
+    if args.lora < 0 or args.pretrain_steps < 1:
+        parser.error("--lora must be >= 0 and --pretrain-steps >= 1")
+    if args.train_base and not args.lora:
+        parser.error("--train-base goes with --lora RANK (it trains every param under LoRA)")
+    return args, config
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, History]:
     args, config = parse_args(argv)
     methods = METHODS[:4] if args.method == "all" else (args.method,)
-    corpus = load_corpus(config.corpus_bytes)
+    try:
+        corpus = load_corpus(config.corpus_bytes)
+    except ValueError as error:
+        raise SystemExit(
+            f"language_model.py: error: --corpus-bytes {config.corpus_bytes} is too few bytes "
+            f"({error}); pass a larger --corpus-bytes."
+        ) from None
     print(
         f"corpus: {len(corpus.train):,} training bytes ({len(corpus.train_files)} files), "
         f"{len(corpus.valid):,} validation bytes ({len(corpus.valid_files)} files)"

@@ -501,3 +501,23 @@ def test_main_runs_a_tiny_config(capsys):
     results = lm.main(["--method", "sam", *tiny])
     assert set(results) == {"sam"} and len(results["sam"].valid_loss) == 3
     assert "| sam |" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "flags, named",
+    [
+        (["--steps", "0"], "--steps must be an integer >= 1"),
+        (["--accumulate", "0"], "--accumulate must be an integer >= 1"),
+        (["--micro-batch", "0"], "--micro-batch must be an integer >= 1"),
+        (["--eval-every", "0"], "--eval-every must be an integer >= 1"),
+        (["--rho", "-1"], "--rho must be a finite number >= 0"),
+        (["--n-heads", "3"], "--n-heads 3 must divide --d-model 64"),
+        (["--train-base"], "--train-base goes with --lora"),
+    ],
+)
+def test_command_line_refuses_bad_values_naming_the_flag(flags, named, monkeypatch, capsys):
+    monkeypatch.delenv("SAM_OPTAX_FULL", raising=False)
+    with pytest.raises(SystemExit) as exit_:
+        lm.parse_args(flags)
+    assert exit_.value.code == 2
+    assert named in capsys.readouterr().err

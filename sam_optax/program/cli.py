@@ -31,6 +31,7 @@ import sys
 import threading
 import time
 import tomllib
+import warnings
 from collections.abc import Callable
 from collections.abc import Iterator
 from pathlib import Path
@@ -362,7 +363,10 @@ def config_from_args(args: argparse.Namespace) -> tuple[str, configs.Config]:
 
 
 def _out_dir(args: argparse.Namespace, dataset: str | None) -> Path:
-    """The run directory: ``--out``, else a new one under ``runs/``; checked before any work."""
+    """The run directory: ``--out``, else a new one under ``runs/``; checked before any work.
+
+    Kept as ``args.out_dir`` for the message of a second Ctrl-C (:func:`main`).
+    """
     from sam_optax.program.rundir import check_out_path
 
     if args.resume and not args.out:
@@ -376,6 +380,7 @@ def _out_dir(args: argparse.Namespace, dataset: str | None) -> Path:
     else:
         out = Path("runs") / f"{args.command}-{dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
     check_out_path(out)
+    args.out_dir = out
     return out
 
 
@@ -778,6 +783,16 @@ def main(argv: list[str] | None = None) -> int:
         return 128 + err.signum
     except KeyboardInterrupt:
         print("sam-optax: interrupted at once (a second signal).", file=sys.stderr)
+        out = getattr(args, "out_dir", None)
+        if out is not None and (Path(out) / "config.json").is_file():
+            print(
+                "sam-optax: the last checkpoint written is kept; continue with: "
+                f"{_resume_command(args, out)}",
+                file=sys.stderr,
+            )
+        # The checkpoint being written when it came is abandoned: its coroutine
+        # is never awaited, which Python would report at exit.
+        warnings.filterwarnings("ignore", message="coroutine .* was never awaited")
         return 128 + (stop.signum if stop is not None else signal.SIGINT)
     except BrokenPipeError:  # stdout closed early (`sam-optax ... | head`): stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
