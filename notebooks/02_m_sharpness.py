@@ -39,6 +39,7 @@ import sam_optax
 from sam_optax import parallel
 from sam_optax.program import input_pipeline
 
+# SAM_OPTAX_FAST=1 is the test suite's shrunk run; the outputs shown are from the full run.
 FAST = os.environ.get("SAM_OPTAX_FAST") == "1"
 print(jax.device_count(), "devices:", jax.devices()[0].platform)
 

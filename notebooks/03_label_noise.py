@@ -37,6 +37,7 @@ import numpy as np
 from sam_optax.program import compare
 from sam_optax.program import configs
 
+# SAM_OPTAX_FAST=1 is the test suite's shrunk run; the outputs shown are from the full run.
 FAST = os.environ.get("SAM_OPTAX_FAST") == "1"
 noise_rates = [0.2, 0.6] if FAST else [0.2, 0.4, 0.6, 0.8]
 seeds = [0, 1] if FAST else [0, 1, 2]

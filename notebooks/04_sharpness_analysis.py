@@ -40,6 +40,7 @@ from sam_optax.program import models
 from sam_optax.program import train
 from sam_optax.program.rundir import restore_final
 
+# SAM_OPTAX_FAST=1 is the test suite's shrunk run; the outputs shown are from the full run.
 FAST = os.environ.get("SAM_OPTAX_FAST") == "1"
 epochs = 4 if FAST else 20
 out = Path(tempfile.mkdtemp(prefix="sharpness-"))

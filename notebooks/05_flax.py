@@ -35,6 +35,7 @@ import sam_optax
 from sam_optax import flax as sam_flax
 from sam_optax.program import input_pipeline
 
+# SAM_OPTAX_FAST=1 is the test suite's shrunk run; the outputs shown are from the full run.
 FAST = os.environ.get("SAM_OPTAX_FAST") == "1"
 epochs = 1 if FAST else 8
 data = input_pipeline.load("digits")

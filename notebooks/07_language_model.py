@@ -54,6 +54,7 @@ spec.loader.exec_module(lm)
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from _common import interleaved_medians  # the benchmarks' interleaved timer
 
+# SAM_OPTAX_FAST=1 is the test suite's shrunk run; the outputs shown are from the full run.
 FAST = os.environ.get("SAM_OPTAX_FAST") == "1"
 if FAST:  # the tests' shrunk run: seconds
     config = lm.Config(
