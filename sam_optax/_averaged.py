@@ -138,7 +138,7 @@ def vasso(
 
     Args:
       rho: radius, or a schedule of the step count.
-      theta: :math:`\theta` in [0, 1], the weight of the newest gradient
+      theta: :math:`\theta` in (0, 1], the weight of the newest gradient
         (injectable).
       **options: the family's options (:class:`~sam_optax.SAMOptions`).
 
@@ -147,7 +147,7 @@ def vasso(
       Variance Suppression <https://arxiv.org/abs/2309.15639>`_, 2023.
     """
     opts = _family.options_from("vasso", options)
-    # theta = 0 would never move the direction from its zero start.
+    # theta = 0 would keep the first step's gradient as the direction forever.
     _family.check_hyper("vasso", "theta", theta, low=0.0, high=1.0, open_low=True)
 
     def rule(step: _family.Step, memory: GradientAverage) -> tuple[Any, Any, _family.Diagnostics]:

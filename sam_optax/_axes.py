@@ -36,14 +36,14 @@ def check_bound(names: tuple[Hashable, ...], owner: str = "sam") -> None:
             jax.lax.axis_size(name)
         except NameError:
             mesh = jax.sharding.get_abstract_mesh()
-            if name in mesh.axis_names:
-                manual = tuple(mesh.manual_axes)
+            manual = tuple(mesh.manual_axes)
+            if name in mesh.axis_names and manual:
                 raise ValueError(
                     f"{owner}(axis_name={name!r}): the mesh has axis {name!r}, but this "
-                    f"step maps {'only ' + repr(manual) if manual else 'none of its axes'}: "
-                    f"{name!r} stays sharded by XLA (params over a model axis). axis_name names "
-                    "the axis the batch is split over, whose devices each perturb with their "
-                    f"own gradient{': pass axis_name=' + repr(manual[0]) if len(manual) == 1 else ''}."
+                    f"step maps only {manual}, so {name!r} is left to XLA here. axis_name "
+                    "names the axis the batch is split over, whose devices each perturb with "
+                    "their own gradient"
+                    f"{': pass axis_name=' + repr(manual[0]) if len(manual) == 1 else ''}."
                 ) from None
             raise ValueError(
                 f"{owner}(axis_name={name!r}) is used where no mapped axis {name!r} "

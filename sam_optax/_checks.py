@@ -93,8 +93,8 @@ def check_bool(name: str, value: Any) -> None:
 def check_nonnegative(name: str, value: Any) -> None:
     """``value >= 0`` when it is a concrete number (schedules and tracers pass)."""
     v = None if callable(value) else concrete_float(value)
-    if v is not None and (math.isnan(v) or v < 0):
-        raise ValueError(f"{name} must be >= 0, got {name}={value!r}.")
+    if v is not None and not 0 <= v < math.inf:
+        raise ValueError(f"{name} must be a finite number >= 0, got {name}={value!r}.")
 
 
 def check_in_range(name: str, value: Any, low: float, high: float) -> None:

@@ -160,6 +160,7 @@ def _selected_loss(per_example: Any, before: jax.Array, gamma: Any) -> Any:
         selected = jnp.where(every | (count == 0), jnp.mean(losses), mean_chosen)
         # The value is the whole batch's L(w + eps) (the diagnostics' sharpness
         # and perturbed_loss), the gradient the selected examples'.
-        return selected + jax.lax.stop_gradient(jnp.mean(losses) - selected)
+        stop = jax.lax.stop_gradient
+        return stop(jnp.mean(losses)) + (selected - stop(selected))
 
     return loss

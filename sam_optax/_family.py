@@ -762,9 +762,10 @@ def _check_radius(owner: str, rho: Any) -> None:
     """
     if callable(rho):
         value = _checks.concrete_float(rho(jnp.zeros([], jnp.int32)))
-        if value is not None and not value >= 0:
+        if value is not None and not 0 <= value < math.inf:
             raise ValueError(
-                f"{owner}: rho must be >= 0, but the rho schedule returns {value} at step 0."
+                f"{owner}: rho must be a finite number >= 0, but the rho schedule returns "
+                f"{value} at step 0."
             )
         return
     _checks.check_number("rho", rho, low=0.0, traced_ok=True, owner=owner)

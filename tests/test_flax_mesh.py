@@ -216,3 +216,12 @@ def test_sam_over_the_model_axis_names_the_data_axis():
     step = nnx_shard_map_step(loss_fn, mesh)
     with pytest.raises(ValueError, match=r"maps only \('data',\).*pass axis_name='data'"):
         step(model, optimizer, parallel.shard_batch(_batch(), mesh))
+
+
+def test_sam_over_a_mesh_axis_under_plain_jit_names_shard_map():
+    # No manual axis at all (plain jit with a mesh set): the fix is shard_map.
+    tx = sam_optax.sam(RHO, axis_name="data")
+    w = jnp.ones(3)
+    update = jax.jit(lambda w: tx.update(w, tx.init(w), w, value_fn=lambda p: jnp.sum(p**2)))
+    with jax.set_mesh(_mesh()), pytest.raises(ValueError, match="inside jax.shard_map"):
+        update(w)

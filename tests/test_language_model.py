@@ -439,11 +439,10 @@ def test_sam_lora_is_the_hand_written_step_and_holds_what_it_holds(lora_steps, c
         step(model, optimizer, _batch(corpus, LORA, seed=10 + i))
         lm.train_step(sam_model, sam_optimizer, _batch(corpus, LORA, seed=10 + i))
     assert _differ(model.blocks[0].up.lora.lora_b[...], jnp.zeros(()), 0.0)
-    pairs = zip(
-        jax.tree.leaves(nnx.state(sam_model, nnx.LoRAParam)),
-        jax.tree.leaves(nnx.state(model, nnx.LoRAParam)),
-    )
-    for ours_leaf, hand_leaf in pairs:
+    ours_leaves = jax.tree.leaves(nnx.state(sam_model, nnx.LoRAParam))
+    hand_leaves = jax.tree.leaves(nnx.state(model, nnx.LoRAParam))
+    assert len(ours_leaves) == len(hand_leaves) == 4 * 2 * LORA.n_layers
+    for ours_leaf, hand_leaf in zip(ours_leaves, hand_leaves):
         np.testing.assert_allclose(ours_leaf, hand_leaf, rtol=0, atol=1e-3 * config.learning_rate)
 
 

@@ -784,9 +784,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("sam-optax: interrupted at once (a second signal).", file=sys.stderr)
         out = getattr(args, "out_dir", None)
-        if out is not None and (Path(out) / "config.json").is_file():
+        marker = "compare.json" if args.command == "compare" else "config.json"
+        if out is not None and (Path(out) / marker).is_file():
             print(
-                "sam-optax: the last checkpoint written is kept; continue with: "
+                "sam-optax: the checkpoints written so far are kept; continue with: "
                 f"{_resume_command(args, out)}",
                 file=sys.stderr,
             )

@@ -366,8 +366,10 @@ def restore_final(workdir: str | Path) -> dict[str, Any]:
                     file=sys.stderr,
                 )
         raise RunDirError(
-            f"{workdir}: none of its checkpoints ({', '.join(map(str, steps))}) reads back; "
-            "`sam-optax train --resume` on it starts the run again from step 0."
+            f"{workdir}: none of its checkpoints ({', '.join(map(str, steps))}) reads back "
+            "(the errors above; nothing was changed). If they are corrupt, the run must be "
+            "trained again; if the errors name the environment (orbax's version, memory), "
+            "fix that and analyze again."
         )
     finally:
         manager.close()

@@ -375,11 +375,9 @@ def train_and_evaluate(
         run.rundir.release()
 
 
-SIGNAL_NAMES = {
-    signal.SIGINT: "Ctrl-C (SIGINT)",
-    signal.SIGTERM: "SIGTERM",
-    signal.SIGPIPE: "a closed stdout (its reader, e.g. `| head`, ended)",
-}
+SIGNAL_NAMES = {signal.SIGINT: "Ctrl-C (SIGINT)", signal.SIGTERM: "SIGTERM"}
+if hasattr(signal, "SIGPIPE"):  # not on Windows
+    SIGNAL_NAMES[signal.SIGPIPE] = "a closed stdout (its reader, e.g. `| head`, ended)"
 
 
 def _stopped_message(run: _Run, stopped: _Stopped) -> str:
@@ -460,8 +458,14 @@ def _say(run: _Run, line: str) -> None:
         print(line, flush=True)
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        if jax.distributed.is_initialized():
+            # Every process must stop at one step: through jax's preemption
+            # service, as Ctrl-C is (exit 143); without it the run goes on.
+            if jax.config.jax_enable_preemption_service:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return
         stop = run.options.stop
-        if stop is not None:
+        if stop is not None and not stop.is_set():
             stop.signum = signal.SIGPIPE
             stop.set()
 
