@@ -223,5 +223,5 @@ def test_sam_over_a_mesh_axis_under_plain_jit_names_shard_map():
     tx = sam_optax.sam(RHO, axis_name="data")
     w = jnp.ones(3)
     update = jax.jit(lambda w: tx.update(w, tx.init(w), w, value_fn=lambda p: jnp.sum(p**2)))
-    with jax.set_mesh(_mesh()), pytest.raises(ValueError, match="inside jax.shard_map"):
+    with jax.set_mesh(_mesh()), pytest.raises(ValueError, match=r"inside jax\.shard_map"):
         update(w)
