@@ -365,6 +365,11 @@ def test_a_reader_that_stops_reading_stops_the_run_at_a_checkpoint(tmp_path):
     )
     try:
         assert proc.stdout.readline().startswith("sam-optax train --epochs 30")
+        # Close after the first epoch's line: a pipe closed during the settings
+        # (two writes under PYTHONUNBUFFERED) ends the program before any work.
+        for line in proc.stdout:
+            if line.startswith("epoch 1/30"):
+                break
         proc.stdout.close()
         err = proc.stderr.read()
         proc.wait(timeout=120)
@@ -377,6 +382,7 @@ def test_a_reader_that_stops_reading_stops_the_run_at_a_checkpoint(tmp_path):
     assert "Traceback" not in err, err
     steps = [int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit()]
     assert steps and max(steps) >= 21, steps  # an epoch is 21 steps: at least its checkpoint
+    assert f"at step {max(steps)} of 630" in err, err
     assert not (out / ".lock").exists()
 
 
