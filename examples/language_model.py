@@ -335,35 +335,10 @@ def with_adapters(model: Transformer, config: Config) -> Transformer:
 def adapter_mask(model: nnx.Module, kind: type = nnx.LoRAParam) -> Callable[[Any], Any]:
     """``params -> mask`` for SAM's ``mask=``: ``True`` on the variables of type ``kind``.
 
-    The params an ``nnx.Optimizer`` hands ``tx.update`` are a pure
-    ``nnx.State`` (arrays, their types gone), so the paths come from the
-    model: those of its ``kind`` variables (the LoRA adapters by default).
-    A leaf is selected when its path starts with one of them (a state of
-    ``nnx.Variable`` objects adds the variable's own key). Written like
-    ``sam_optax.flax.nnx_normalization_mask``, which selects by module type.
+    :func:`sam_optax.flax.nnx_variable_mask`: the paths come from the model
+    (the params ``nnx.Optimizer`` hands ``tx.update`` are a pure state).
     """
-    wanted = {tuple(path) for path, _ in nnx.to_flat_state(nnx.state(model, kind))}
-    lengths = {len(path) for path in wanted}
-
-    def mask(params: Any) -> Any:
-        def selected(path: tuple[Any, ...], _: Any) -> bool:
-            keys = _plain_keys(path)
-            return any(keys[:n] in wanted for n in lengths)
-
-        return jax.tree_util.tree_map_with_path(selected, params)
-
-    return mask
-
-
-def _plain_keys(path: tuple[Any, ...]) -> tuple[Any, ...]:
-    """The keys of a JAX key path as ``nnx`` writes them (names and indices)."""
-    keys = []
-    for entry in path:
-        for attr in ("key", "name", "idx"):
-            if hasattr(entry, attr):
-                keys.append(getattr(entry, attr))
-                break
-    return tuple(keys)
+    return sam_flax.nnx_variable_mask(model, kind)
 
 
 # --------------------------------------------------------------------------

@@ -56,6 +56,7 @@ __all__ = [
     "nnx_train_step",
     "nnx_value_and_grad",
     "nnx_value_fn",
+    "nnx_variable_mask",
 ]
 
 
@@ -663,6 +664,42 @@ def nnx_normalization_mask(
         def selected(path: tuple[Any, ...], _: Any) -> bool:
             keys = _path_keys(path)
             return any(keys[: len(p)] == p for p in paths)
+
+        return jax.tree_util.tree_map_with_path(selected, params)
+
+    return mask
+
+
+def nnx_variable_mask(model: nnx.Module, kind: Any = nnx.LoRAParam) -> Callable[[Any], Any]:
+    """A mask of an NNX model's variables of one type (the LoRA adapters by default).
+
+    Returns ``params -> mask`` for ``sam(rho, mask=...)`` (or any method of
+    the family): ``True`` on the leaves of the variables of type ``kind``
+    (any ``nnx.filterlib`` filter) in ``model``. The params an
+    ``nnx.Optimizer`` hands ``tx.update`` are a pure ``nnx.State`` (arrays,
+    their types gone), so the paths come from the model; a leaf is selected
+    when its path starts with one of them (a state of ``nnx.Variable``
+    objects adds the variable's own key). With ``nnx.Optimizer(model, tx,
+    wrt=nnx.Param)`` every param trains and SAM perturbs the ``kind`` ones;
+    with ``wrt=kind`` no mask is needed.
+
+    Examples:
+      >>> import jax, optax, sam_optax
+      >>> from flax import nnx
+      >>> from sam_optax.flax import nnx_variable_mask
+      >>> model = nnx.LoRALinear(3, 4, lora_rank=2, rngs=nnx.Rngs(0))
+      >>> mask = nnx_variable_mask(model)(nnx.state(model, nnx.Param))
+      >>> print(sum(jax.tree.leaves(mask)), "of", len(jax.tree.leaves(mask)))  # lora a and b
+      2 of 4
+      >>> tx = optax.chain(sam_optax.sam(0.05, mask=nnx_variable_mask(model)), optax.adamw(1e-3))
+    """
+    wanted = {tuple(path) for path, _ in nnx.to_flat_state(nnx.state(model, kind))}
+    lengths = {len(path) for path in wanted}
+
+    def mask(params: Any) -> Any:
+        def selected(path: tuple[Any, ...], _: Any) -> bool:
+            keys = _path_keys(path)
+            return any(keys[:n] in wanted for n in lengths)
 
         return jax.tree_util.tree_map_with_path(selected, params)
 

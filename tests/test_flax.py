@@ -564,3 +564,25 @@ def test_normalization_masks_select_the_norm_layers():
     for path, m in jax.tree_util.tree_leaves_with_path(linen_mask):
         assert m == ("BatchNorm" in jax.tree_util.keystr(path))
     assert any(jax.tree.leaves(linen_mask))
+
+
+def test_nnx_variable_mask_selects_a_variable_type_in_both_state_forms():
+    from flax import nnx
+
+    from sam_optax.flax import nnx_variable_mask
+
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.hidden = nnx.LoRALinear(4, 6, lora_rank=2, rngs=rngs)
+            self.out = nnx.Linear(6, 3, rngs=rngs)
+
+    model = Net(nnx.Rngs(0))
+    want = {("hidden", "lora", "lora_a"), ("hidden", "lora", "lora_b")}
+    for params in (nnx.state(model, nnx.Param), nnx.as_pure(nnx.state(model, nnx.Param))):
+        mask = nnx_variable_mask(model)(params)
+        chosen = {path[:3] for path, on in nnx.to_flat_state(nnx.as_pure(mask)) if on}
+        assert chosen == want
+        assert sum(jax.tree.leaves(mask)) == 2 and len(jax.tree.leaves(mask)) == 6
+    # Any type: the plain Linear's params alone.
+    mask = nnx_variable_mask(Net(nnx.Rngs(1)), nnx.Param)(nnx.state(model, nnx.Param))
+    assert sum(jax.tree.leaves(mask)) == 6  # LoRAParam is a Param: every leaf
